@@ -1,1 +1,40 @@
-pub fn _x() {}
+//! Llama, compatible with Hugging Face `config.json` and safetensors checkpoints.
+//!
+//! The model is a stack of units (embedding, decoder blocks, norm + head) that callers may run one
+//! at a time; it knows nothing of ranks or precision policies.
+
+pub mod config;
+pub mod error;
+pub mod layers;
+pub mod llama;
+pub mod loss;
+pub mod source;
+pub mod weights;
+
+use std::path::Path;
+
+use burn::tensor::{DType, Device};
+
+pub use config::{LlamaConfig, RopeScaling};
+pub use error::{ModelError, Result};
+pub use llama::{Context, DecoderLayer, Llama, UnitId, unit_of};
+pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum};
+pub use source::{ParamSource, RandomInit};
+pub use weights::{SafetensorsSource, named_tensors, save_safetensors};
+
+impl Llama {
+    /// Loads a HF model folder (`config.json` + safetensors) with its weights cast to `dtype`.
+    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<(LlamaConfig, Llama)> {
+        let dir = dir.as_ref();
+        let config = LlamaConfig::from_file(dir.join("config.json"))?;
+        let mut source = SafetensorsSource::open(dir, device, dtype)?;
+        let model = Llama::load(&config, &mut source)?;
+        source.finish()?;
+        Ok((config, model))
+    }
+
+    /// A freshly initialised model: the same values for the same seed on every machine.
+    pub fn random(config: &LlamaConfig, seed: u64, device: &Device, dtype: DType) -> Result<Llama> {
+        Llama::load(config, &mut RandomInit::new(seed, device, dtype))
+    }
+}

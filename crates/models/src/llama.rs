@@ -1,0 +1,300 @@
+//! Llama, as Hugging Face's `LlamaForCausalLM`. Field names are HF parameter paths, so the burn
+//! module path of every parameter is its key in `model.safetensors`.
+
+use burn::module::Module;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
+
+use crate::config::{LlamaConfig, RopeScaling};
+use crate::error::{ModelError, Result};
+use crate::layers::{Embedding, Linear, Mlp, RmsNorm};
+use crate::source::ParamSource;
+
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    /// # Shapes
+    /// `x: [batch, seq, hidden]` -> same
+    pub fn forward(&self, x: Tensor<3>, ctx: &Context) -> Tensor<3> {
+        let [b, s, _] = x.dims();
+        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, self.head_dim]).swap_dims(1, 2);
+        let q = ctx.rotate(heads(self.q_proj.forward(x.clone()), self.num_heads));
+        let k = ctx.rotate(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
+        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
+
+        // Scores and softmax in f32, as HF's eager attention; masked scores get f32::MIN, so a row
+        // with every key masked (left padding) is uniform instead of NaN.
+        let dtype = q.dtype();
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let scores = (q.matmul(k.swap_dims(2, 3)) * scale).cast(DType::F32);
+        let probs = softmax(scores.mask_fill(ctx.mask.clone(), f32::MIN), 3).cast(dtype);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, self.num_heads * self.head_dim]);
+        self.o_proj.forward(out)
+    }
+
+    /// Query head `j` reads kv head `j / (num_heads / num_kv_heads)`.
+    fn repeat_kv(&self, t: Tensor<4>) -> Tensor<4> {
+        let groups = self.num_heads / self.num_kv_heads;
+        if groups == 1 {
+            return t;
+        }
+        let [b, h, s, d] = t.dims();
+        t.unsqueeze_dim::<5>(2).expand([b, h, groups, s, d]).reshape([b, h * groups, s, d])
+    }
+}
+
+/// One decoder block: `h = x + attn(norm(x))`, `out = h + mlp(norm(h))`.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    /// Builds block `index` from `source` (keys `model.layers.{index}.*`).
+    pub fn load(config: &LlamaConfig, index: usize, source: &mut impl ParamSource) -> Result<Self> {
+        let p = format!("model.layers.{index}");
+        let (h, i, d) = (config.hidden_size, config.intermediate_size, config.head_dim);
+        let (q, kv) = (config.num_attention_heads * d, config.num_key_value_heads * d);
+        Ok(Self {
+            self_attn: Attention {
+                q_proj: Linear::load(source, &format!("{p}.self_attn.q_proj"), q, h)?,
+                k_proj: Linear::load(source, &format!("{p}.self_attn.k_proj"), kv, h)?,
+                v_proj: Linear::load(source, &format!("{p}.self_attn.v_proj"), kv, h)?,
+                o_proj: Linear::load(source, &format!("{p}.self_attn.o_proj"), h, q)?,
+                num_heads: config.num_attention_heads,
+                num_kv_heads: config.num_key_value_heads,
+                head_dim: d,
+            },
+            mlp: Mlp {
+                gate_proj: Linear::load(source, &format!("{p}.mlp.gate_proj"), i, h)?,
+                up_proj: Linear::load(source, &format!("{p}.mlp.up_proj"), i, h)?,
+                down_proj: Linear::load(source, &format!("{p}.mlp.down_proj"), h, i)?,
+            },
+            input_layernorm: RmsNorm::load(source, &format!("{p}.input_layernorm"), h, config.rms_norm_eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                source,
+                &format!("{p}.post_attention_layernorm"),
+                h,
+                config.rms_norm_eps,
+            )?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<3>, ctx: &Context) -> Tensor<3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), ctx);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// `model.*` of HF's `LlamaForCausalLM`.
+#[derive(Module, Debug)]
+pub struct LlamaModel {
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+}
+
+/// A Llama with its language-model head. `lm_head` is `None` when tied to `embed_tokens`.
+#[derive(Module, Debug)]
+pub struct Llama {
+    pub model: LlamaModel,
+    pub lm_head: Option<Linear>,
+}
+
+/// The per-batch inputs every block shares: rotary tables and the attention mask.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// `[seq, head_dim]`, in the compute dtype.
+    pub cos: Tensor<2>,
+    pub sin: Tensor<2>,
+    /// `[batch, 1, seq, seq]`, true where a query may not attend to a key (future or padding).
+    pub mask: Tensor<4, Bool>,
+}
+
+impl Context {
+    /// Positions are `0..seq` in every row (HF's default `position_ids`, also with left padding).
+    /// `attention_mask` is `[batch, seq]` with 1 for real tokens and 0 for padding.
+    pub fn new(
+        config: &LlamaConfig,
+        batch: usize,
+        seq: usize,
+        attention_mask: Option<&[i64]>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        if let Some(m) = attention_mask
+            && m.len() != batch * seq
+        {
+            return Err(ModelError::Input(format!(
+                "attention_mask has {} values, input_ids is {batch}x{seq}",
+                m.len()
+            )));
+        }
+        let (cos, sin) = rope_tables(config, seq);
+        let d = config.head_dim;
+        let table = |v: Vec<f32>| {
+            Tensor::<2>::from_data(TensorData::new(v, [seq, d]), (device, DType::F32)).cast(dtype)
+        };
+        let mut mask = vec![false; batch * seq * seq];
+        for b in 0..batch {
+            for q in 0..seq {
+                for k in 0..seq {
+                    let padded = attention_mask.is_some_and(|m| m[b * seq + k] == 0);
+                    mask[(b * seq + q) * seq + k] = k > q || padded;
+                }
+            }
+        }
+        let mask = Tensor::<4, Bool>::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device);
+        Ok(Self {
+            cos: table(cos),
+            sin: table(sin),
+            mask,
+        })
+    }
+
+    /// Rotate-half RoPE: pairs `i` and `i + head_dim/2`.
+    /// # Shapes
+    /// `x: [batch, heads, seq, head_dim]` -> same
+    fn rotate(&self, x: Tensor<4>) -> Tensor<4> {
+        let [_, _, _, d] = x.dims();
+        let half = d / 2;
+        let x1 = x.clone().narrow(3, 0, half);
+        let x2 = x.clone().narrow(3, half, half);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * self.cos.clone().unsqueeze() + rotated * self.sin.clone().unsqueeze()
+    }
+}
+
+/// `cos` and `sin` of `position · inv_freq`, `[seq, head_dim]` row-major, in f32 as HF computes them.
+fn rope_tables(config: &LlamaConfig, seq: usize) -> (Vec<f32>, Vec<f32>) {
+    let d = config.head_dim;
+    let theta = config.rope_theta as f32;
+    let mut inv_freq: Vec<f32> = (0..d / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f32 / d as f32))
+        .collect();
+    if let RopeScaling::Llama3 {
+        factor,
+        low_freq_factor,
+        high_freq_factor,
+        original_max_position_embeddings,
+    } = config.rope_scaling
+    {
+        let old = original_max_position_embeddings as f64;
+        let (low_wavelen, high_wavelen) = (old / low_freq_factor, old / high_freq_factor);
+        for f in inv_freq.iter_mut() {
+            let freq = *f as f64;
+            let wavelen = 2.0 * std::f64::consts::PI / freq;
+            *f = if wavelen < high_wavelen {
+                freq
+            } else if wavelen > low_wavelen {
+                freq / factor
+            } else {
+                let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                (1.0 - smooth) * freq / factor + smooth * freq
+            } as f32;
+        }
+    }
+    let (mut cos, mut sin) = (Vec::with_capacity(seq * d), Vec::with_capacity(seq * d));
+    for pos in 0..seq {
+        // HF's `emb = cat(freqs, freqs)`: both halves of a row use the same frequencies.
+        for _ in 0..2 {
+            for &f in &inv_freq {
+                let angle = pos as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+    (cos, sin)
+}
+
+/// The stages the engine runs one at a time: embedding, each decoder block, final norm + head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnitId {
+    Embed,
+    Block(usize),
+    Head,
+}
+
+impl Llama {
+    /// Builds the model by asking `source` for every key of [`LlamaConfig::param_table`].
+    pub fn load(config: &LlamaConfig, source: &mut impl ParamSource) -> Result<Self> {
+        config.validate()?;
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = Embedding::load(source, "model.embed_tokens", v, h)?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::load(config, i, source))
+            .collect::<Result<_>>()?;
+        let norm = RmsNorm::load(source, "model.norm", h, config.rms_norm_eps)?;
+        let lm_head = match config.tie_word_embeddings {
+            true => None,
+            false => Some(Linear::load(source, "lm_head", v, h)?),
+        };
+        Ok(Self {
+            model: LlamaModel {
+                embed_tokens,
+                layers,
+                norm,
+            },
+            lm_head,
+        })
+    }
+
+    /// # Shapes
+    /// `ids: [batch, seq]` -> logits `[batch, seq, vocab]`
+    pub fn forward(&self, ids: Tensor<2, Int>, ctx: &Context) -> Tensor<3> {
+        let h = self.embed(ids);
+        let h = self.model.layers.iter().fold(h, |h, layer| layer.forward(h, ctx));
+        self.head(h)
+    }
+
+    /// The embedding unit.
+    pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        self.model.embed_tokens.forward(ids)
+    }
+
+    /// The head unit: final norm and the (possibly tied) projection to the vocabulary.
+    pub fn head(&self, h: Tensor<3>) -> Tensor<3> {
+        let h = self.model.norm.forward(h);
+        match &self.lm_head {
+            Some(lm_head) => lm_head.forward(h),
+            None => h.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze()),
+        }
+    }
+
+    /// The units in forward order.
+    pub fn units(&self) -> Vec<UnitId> {
+        let blocks = (0..self.model.layers.len()).map(UnitId::Block);
+        std::iter::once(UnitId::Embed).chain(blocks).chain([UnitId::Head]).collect()
+    }
+
+    /// The dtype of the parameters (the compute dtype when the model was cast).
+    pub fn dtype(&self) -> DType {
+        self.model.embed_tokens.weight.val().dtype()
+    }
+}
+
+/// Which unit owns the parameter `key` (an HF path).
+pub fn unit_of(key: &str) -> Option<UnitId> {
+    if key.starts_with("model.embed_tokens.") {
+        return Some(UnitId::Embed);
+    }
+    if key.starts_with("model.norm.") || key.starts_with("lm_head.") {
+        return Some(UnitId::Head);
+    }
+    let rest = key.strip_prefix("model.layers.")?;
+    rest.split('.').next()?.parse().ok().map(UnitId::Block)
+}

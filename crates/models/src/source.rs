@@ -1,0 +1,79 @@
+//! Where parameter values come from: a checkpoint on disk, or a seeded random init.
+
+use burn::tensor::{DType, Device, Tensor, TensorData};
+
+use crate::error::Result;
+use crate::layers::Init;
+
+/// Supplies each parameter by its HF name; models are built by asking for every key in turn,
+/// so a source sees exactly the key table of the model.
+pub trait ParamSource {
+    /// The tensor named `key` with the given shape, in the source's dtype, on its device.
+    fn tensor<const D: usize>(&mut self, key: &str, shape: [usize; D], init: Init) -> Result<Tensor<D>>;
+}
+
+/// Deterministic random init: every tensor's values depend only on the seed and its name, so a rank
+/// that builds one unit gets the same values as a rank that builds the whole model.
+pub struct RandomInit {
+    pub seed: u64,
+    /// Standard deviation of `Init::Normal` parameters (HF `initializer_range`, default 0.02).
+    pub std: f64,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl RandomInit {
+    pub fn new(seed: u64, device: &Device, dtype: DType) -> Self {
+        Self {
+            seed,
+            std: 0.02,
+            device: device.clone(),
+            dtype,
+        }
+    }
+}
+
+impl ParamSource for RandomInit {
+    fn tensor<const D: usize>(&mut self, key: &str, shape: [usize; D], init: Init) -> Result<Tensor<D>> {
+        let n: usize = shape.iter().product();
+        let values = match init {
+            Init::Ones => vec![1.0f32; n],
+            Init::Normal => {
+                let mut rng = SplitMix64(self.seed ^ fnv1a(key.as_bytes()));
+                (0..n).map(|_| (rng.normal() * self.std) as f32).collect()
+            }
+        };
+        let data = TensorData::new(values, shape).convert_dtype(self.dtype);
+        Ok(Tensor::from_data(data, (&self.device, self.dtype)))
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// A small, portable PRNG: the same stream on every platform and every version of kiln.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1].
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) + 1) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal by Box-Muller.
+    fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
