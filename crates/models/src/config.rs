@@ -108,11 +108,15 @@ impl LlamaConfig {
 
     /// Parses and validates the text of a HF `config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
-        let raw: HfConfig = serde_json::from_str(text).map_err(|e| ModelError::Input(e.to_string()))?;
+        let raw: HfConfig =
+            serde_json::from_str(text).map_err(|e| ModelError::Input(e.to_string()))?;
         let rope = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
         let rope_theta = raw
             .rope_theta
-            .or_else(|| rope.and_then(|r| r.get("rope_theta")).and_then(|v| v.as_f64()))
+            .or_else(|| {
+                rope.and_then(|r| r.get("rope_theta"))
+                    .and_then(|v| v.as_f64())
+            })
             .unwrap_or(10_000.0);
         let rope_scaling = match rope {
             None => RopeScaling::Default,
@@ -126,7 +130,7 @@ impl LlamaConfig {
         )?;
         let head_dim = match raw.head_dim {
             Some(d) => required("head_dim", Some(d))?,
-            None if hidden_size % num_attention_heads != 0 => {
+            None if !hidden_size.is_multiple_of(num_attention_heads) => {
                 return Err(bad(
                     "num_attention_heads",
                     format!("{num_attention_heads} does not divide hidden_size {hidden_size}"),
@@ -149,10 +153,16 @@ impl LlamaConfig {
             tie_word_embeddings: raw.tie_word_embeddings,
         };
         if raw.hidden_act != "silu" {
-            return Err(bad("hidden_act", format!("`{}` is not supported (only silu)", raw.hidden_act)));
+            return Err(bad(
+                "hidden_act",
+                format!("`{}` is not supported (only silu)", raw.hidden_act),
+            ));
         }
         if raw.attention_bias {
-            return Err(bad("attention_bias", "biases in attention are not supported"));
+            return Err(bad(
+                "attention_bias",
+                "biases in attention are not supported",
+            ));
         }
         if raw.mlp_bias {
             return Err(bad("mlp_bias", "biases in the MLP are not supported"));
@@ -163,7 +173,10 @@ impl LlamaConfig {
 
     /// Checks the invariants the model relies on; the error names the offending field.
     pub fn validate(&self) -> Result<()> {
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return Err(bad(
                 "num_key_value_heads",
                 format!(
@@ -172,14 +185,23 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(bad("head_dim", format!("{} must be even for rotary embeddings", self.head_dim)));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(bad(
+                "head_dim",
+                format!("{} must be even for rotary embeddings", self.head_dim),
+            ));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(bad("rms_norm_eps", format!("{} must be a positive number", self.rms_norm_eps)));
+            return Err(bad(
+                "rms_norm_eps",
+                format!("{} must be a positive number", self.rms_norm_eps),
+            ));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
-            return Err(bad("rope_theta", format!("{} must be a number above 1", self.rope_theta)));
+            return Err(bad(
+                "rope_theta",
+                format!("{} must be a number above 1", self.rope_theta),
+            ));
         }
         for (field, v) in [
             ("vocab_size", self.vocab_size),
@@ -200,7 +222,9 @@ impl LlamaConfig {
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut rope = match self.rope_scaling {
             RopeScaling::Default => serde_json::json!({"rope_type": "default"}),
-            RopeScaling::Llama3 { .. } => serde_json::to_value(self.rope_scaling).unwrap_or_default(),
+            RopeScaling::Llama3 { .. } => {
+                serde_json::to_value(self.rope_scaling).unwrap_or_default()
+            }
         };
         rope["rope_theta"] = self.rope_theta.into();
         serde_json::json!({
@@ -228,7 +252,10 @@ impl LlamaConfig {
     pub fn param_table(&self) -> Vec<(String, Vec<usize>)> {
         let (h, i, d) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let (q, kv) = (self.num_attention_heads * d, self.num_key_value_heads * d);
-        let mut table = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab_size, h])];
+        let mut table = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+        )];
         for layer in 0..self.num_hidden_layers {
             let p = format!("model.layers.{layer}");
             table.extend([
@@ -252,7 +279,10 @@ impl LlamaConfig {
 
     /// Ψ: the number of parameters.
     pub fn num_params(&self) -> usize {
-        self.param_table().iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+        self.param_table()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum()
     }
 }
 
@@ -263,9 +293,12 @@ fn rope_scaling_from(rope: &serde_json::Value) -> Result<RopeScaling> {
         .and_then(|v| v.as_str())
         .unwrap_or("default");
     let number = |key: &'static str| -> Result<f64> {
-        rope.get(key)
-            .and_then(|v| v.as_f64())
-            .ok_or_else(|| bad("rope_parameters", format!("llama3 rope needs a number `{key}`")))
+        rope.get(key).and_then(|v| v.as_f64()).ok_or_else(|| {
+            bad(
+                "rope_parameters",
+                format!("llama3 rope needs a number `{key}`"),
+            )
+        })
     };
     match kind {
         "default" => Ok(RopeScaling::Default),
@@ -275,7 +308,10 @@ fn rope_scaling_from(rope: &serde_json::Value) -> Result<RopeScaling> {
             high_freq_factor: number("high_freq_factor")?,
             original_max_position_embeddings: number("original_max_position_embeddings")? as usize,
         }),
-        other => Err(bad("rope_parameters", format!("rope_type `{other}` is not supported (default, llama3)"))),
+        other => Err(bad(
+            "rope_parameters",
+            format!("rope_type `{other}` is not supported (default, llama3)"),
+        )),
     }
 }
 
@@ -295,7 +331,10 @@ mod tests {
         assert_eq!(c.rope_theta, 500000.0);
         assert_eq!(c.head_dim, 4);
         assert_eq!(c.num_key_value_heads, 2);
-        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor: 8.0, .. }));
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::Llama3 { factor: 8.0, .. }
+        ));
         let again = LlamaConfig::from_json(&c.to_hf_json().to_string()).unwrap();
         assert_eq!(again, c);
     }
@@ -312,7 +351,9 @@ mod tests {
         for (field, value) in cases {
             let mut json: serde_json::Value = serde_json::from_str(V4).unwrap();
             json[field] = value;
-            let err = LlamaConfig::from_json(&json.to_string()).unwrap_err().to_string();
+            let err = LlamaConfig::from_json(&json.to_string())
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(field), "{err}");
         }
     }

@@ -32,7 +32,9 @@ pub enum ModelError {
         found: Vec<usize>,
         source_name: String,
     },
-    #[error("tensor `{key}` in {source_name} has dtype {dtype}, which kiln cannot read (F32, F16, BF16, F64, I64, I32)")]
+    #[error(
+        "tensor `{key}` in {source_name} has dtype {dtype}, which kiln cannot read (F32, F16, BF16, F64, I64, I32)"
+    )]
     UnsupportedDtype {
         key: String,
         dtype: String,

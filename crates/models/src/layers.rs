@@ -14,8 +14,17 @@ pub struct Linear {
 }
 
 impl Linear {
-    pub fn load(source: &mut impl ParamSource, key: &str, out_features: usize, in_features: usize) -> Result<Self> {
-        let weight = source.tensor(&format!("{key}.weight"), [out_features, in_features], Init::Normal)?;
+    pub fn load(
+        source: &mut impl ParamSource,
+        key: &str,
+        out_features: usize,
+        in_features: usize,
+    ) -> Result<Self> {
+        let weight = source.tensor(
+            &format!("{key}.weight"),
+            [out_features, in_features],
+            Init::Normal,
+        )?;
         Ok(Self {
             weight: Param::from_tensor(weight),
         })
@@ -62,7 +71,12 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    pub fn load(source: &mut impl ParamSource, key: &str, vocab: usize, hidden: usize) -> Result<Self> {
+    pub fn load(
+        source: &mut impl ParamSource,
+        key: &str,
+        vocab: usize,
+        hidden: usize,
+    ) -> Result<Self> {
         let weight = source.tensor(&format!("{key}.weight"), [vocab, hidden], Init::Normal)?;
         Ok(Self {
             weight: Param::from_tensor(weight),
@@ -86,7 +100,8 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
     }
 }
 

@@ -24,7 +24,11 @@ pub use weights::{SafetensorsSource, named_tensors, save_safetensors};
 
 impl Llama {
     /// Loads a HF model folder (`config.json` + safetensors) with its weights cast to `dtype`.
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device, dtype: DType) -> Result<(LlamaConfig, Llama)> {
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<(LlamaConfig, Llama)> {
         let dir = dir.as_ref();
         let config = LlamaConfig::from_file(dir.join("config.json"))?;
         let mut source = SafetensorsSource::open(dir, device, dtype)?;

@@ -38,7 +38,10 @@ impl Attention {
         let scale = (self.head_dim as f64).powf(-0.5);
         let scores = (q.matmul(k.swap_dims(2, 3)) * scale).cast(DType::F32);
         let probs = softmax(scores.mask_fill(ctx.mask.clone(), f32::MIN), 3).cast(dtype);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, s, self.num_heads * self.head_dim]);
+        let out = probs
+            .matmul(v)
+            .swap_dims(1, 2)
+            .reshape([b, s, self.num_heads * self.head_dim]);
         self.o_proj.forward(out)
     }
 
@@ -49,7 +52,9 @@ impl Attention {
             return t;
         }
         let [b, h, s, d] = t.dims();
-        t.unsqueeze_dim::<5>(2).expand([b, h, groups, s, d]).reshape([b, h * groups, s, d])
+        t.unsqueeze_dim::<5>(2)
+            .expand([b, h, groups, s, d])
+            .reshape([b, h * groups, s, d])
     }
 }
 
@@ -66,8 +71,15 @@ impl DecoderLayer {
     /// Builds block `index` from `source` (keys `model.layers.{index}.*`).
     pub fn load(config: &LlamaConfig, index: usize, source: &mut impl ParamSource) -> Result<Self> {
         let p = format!("model.layers.{index}");
-        let (h, i, d) = (config.hidden_size, config.intermediate_size, config.head_dim);
-        let (q, kv) = (config.num_attention_heads * d, config.num_key_value_heads * d);
+        let (h, i, d) = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.head_dim,
+        );
+        let (q, kv) = (
+            config.num_attention_heads * d,
+            config.num_key_value_heads * d,
+        );
         Ok(Self {
             self_attn: Attention {
                 q_proj: Linear::load(source, &format!("{p}.self_attn.q_proj"), q, h)?,
@@ -83,7 +95,12 @@ impl DecoderLayer {
                 up_proj: Linear::load(source, &format!("{p}.mlp.up_proj"), i, h)?,
                 down_proj: Linear::load(source, &format!("{p}.mlp.down_proj"), h, i)?,
             },
-            input_layernorm: RmsNorm::load(source, &format!("{p}.input_layernorm"), h, config.rms_norm_eps)?,
+            input_layernorm: RmsNorm::load(
+                source,
+                &format!("{p}.input_layernorm"),
+                h,
+                config.rms_norm_eps,
+            )?,
             post_attention_layernorm: RmsNorm::load(
                 source,
                 &format!("{p}.post_attention_layernorm"),
@@ -157,7 +174,8 @@ impl Context {
                 }
             }
         }
-        let mask = Tensor::<4, Bool>::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device);
+        let mask =
+            Tensor::<4, Bool>::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device);
         Ok(Self {
             cos: table(cos),
             sin: table(sin),
@@ -202,7 +220,8 @@ fn rope_tables(config: &LlamaConfig, seq: usize) -> (Vec<f32>, Vec<f32>) {
             } else if wavelen > low_wavelen {
                 freq / factor
             } else {
-                let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smooth =
+                    (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                 (1.0 - smooth) * freq / factor + smooth * freq
             } as f32;
         }
@@ -257,7 +276,11 @@ impl Llama {
     /// `ids: [batch, seq]` -> logits `[batch, seq, vocab]`
     pub fn forward(&self, ids: Tensor<2, Int>, ctx: &Context) -> Tensor<3> {
         let h = self.embed(ids);
-        let h = self.model.layers.iter().fold(h, |h, layer| layer.forward(h, ctx));
+        let h = self
+            .model
+            .layers
+            .iter()
+            .fold(h, |h, layer| layer.forward(h, ctx));
         self.head(h)
     }
 
@@ -278,7 +301,10 @@ impl Llama {
     /// The units in forward order.
     pub fn units(&self) -> Vec<UnitId> {
         let blocks = (0..self.model.layers.len()).map(UnitId::Block);
-        std::iter::once(UnitId::Embed).chain(blocks).chain([UnitId::Head]).collect()
+        std::iter::once(UnitId::Embed)
+            .chain(blocks)
+            .chain([UnitId::Head])
+            .collect()
     }
 
     /// The dtype of the parameters (the compute dtype when the model was cast).

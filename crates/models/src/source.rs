@@ -9,7 +9,12 @@ use crate::layers::Init;
 /// so a source sees exactly the key table of the model.
 pub trait ParamSource {
     /// The tensor named `key` with the given shape, in the source's dtype, on its device.
-    fn tensor<const D: usize>(&mut self, key: &str, shape: [usize; D], init: Init) -> Result<Tensor<D>>;
+    fn tensor<const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+        init: Init,
+    ) -> Result<Tensor<D>>;
 }
 
 /// Deterministic random init: every tensor's values depend only on the seed and its name, so a rank
@@ -34,7 +39,12 @@ impl RandomInit {
 }
 
 impl ParamSource for RandomInit {
-    fn tensor<const D: usize>(&mut self, key: &str, shape: [usize; D], init: Init) -> Result<Tensor<D>> {
+    fn tensor<const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+        init: Init,
+    ) -> Result<Tensor<D>> {
         let n: usize = shape.iter().product();
         let values = match init {
             Init::Ones => vec![1.0f32; n],
@@ -49,9 +59,9 @@ impl ParamSource for RandomInit {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// A small, portable PRNG: the same stream on every platform and every version of kiln.

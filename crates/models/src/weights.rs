@@ -27,7 +27,10 @@ impl MappedFile {
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only and checkpoints are not modified while a model loads from them.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        let this = Self { path: path.into(), map };
+        let this = Self {
+            path: path.into(),
+            map,
+        };
         this.tensors()?;
         Ok(this)
     }
@@ -69,7 +72,10 @@ impl SafetensorsSource {
         } else {
             (path.into(), vec![path.into()])
         };
-        let files = paths.iter().map(|p| MappedFile::open(p)).collect::<Result<Vec<_>>>()?;
+        let files = paths
+            .iter()
+            .map(|p| MappedFile::open(p))
+            .collect::<Result<Vec<_>>>()?;
         let mut index = HashMap::new();
         for (i, file) in files.iter().enumerate() {
             for key in file.tensors()?.names() {
@@ -88,7 +94,11 @@ impl SafetensorsSource {
 
     /// Errors if the files hold tensors the model never asked for.
     pub fn finish(self) -> Result<()> {
-        let mut unexpected: Vec<String> = self.index.into_keys().filter(|k| !self.used.contains(k)).collect();
+        let mut unexpected: Vec<String> = self
+            .index
+            .into_keys()
+            .filter(|k| !self.used.contains(k))
+            .collect();
         if unexpected.is_empty() {
             return Ok(());
         }
@@ -124,14 +134,25 @@ impl SafetensorsSource {
                 });
             }
         };
-        Ok(TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype))
+        Ok(TensorData::from_bytes_vec(
+            view.data().to_vec(),
+            view.shape().to_vec(),
+            dtype,
+        ))
     }
 }
 
 impl ParamSource for SafetensorsSource {
-    fn tensor<const D: usize>(&mut self, key: &str, shape: [usize; D], _init: Init) -> Result<Tensor<D>> {
+    fn tensor<const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+        _init: Init,
+    ) -> Result<Tensor<D>> {
         let data = self.data(key).map_err(|e| match e {
-            ModelError::MissingKey { key, source_name, .. } => ModelError::MissingKey {
+            ModelError::MissingKey {
+                key, source_name, ..
+            } => ModelError::MissingKey {
                 key,
                 expected: shape.to_vec(),
                 source_name,
@@ -147,7 +168,10 @@ impl ParamSource for SafetensorsSource {
             });
         }
         self.used.insert(key.to_string());
-        Ok(Tensor::from_data(data.convert_dtype(self.dtype), (&self.device, self.dtype)))
+        Ok(Tensor::from_data(
+            data.convert_dtype(self.dtype),
+            (&self.device, self.dtype),
+        ))
     }
 }
 
@@ -184,7 +208,8 @@ pub fn named_tensors<M: Module>(module: &M) -> Vec<(String, TensorData)> {
             self.path.pop();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.out.push((self.path.join("."), param.val().into_data()));
+            self.out
+                .push((self.path.join("."), param.val().into_data()));
         }
     }
     let mut collect = Collect {
@@ -197,7 +222,11 @@ pub fn named_tensors<M: Module>(module: &M) -> Vec<(String, TensorData)> {
 
 /// Writes tensors as one safetensors file in `dtype`, atomically (temporary file, then rename):
 /// a crash leaves either the old file or the complete new one.
-pub fn save_safetensors(tensors: &[(String, TensorData)], dtype: DType, path: impl AsRef<Path>) -> Result<()> {
+pub fn save_safetensors(
+    tensors: &[(String, TensorData)],
+    dtype: DType,
+    path: impl AsRef<Path>,
+) -> Result<()> {
     let path = path.as_ref();
     let st_dtype = match dtype {
         DType::F32 => Dtype::F32,

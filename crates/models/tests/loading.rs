@@ -54,7 +54,10 @@ fn bf16_weights_on_disk_give_logits_close_to_f32() {
     let diff = max_abs_diff(&got, &expected);
     // bf16 keeps 8 bits of mantissa: weights move by up to 2^-9 relative, logits by about 1%.
     assert!(diff > 0.0, "bf16 rounding must change something");
-    assert!(diff <= 0.03 * max_abs(&expected), "bf16 logits off by {diff}");
+    assert!(
+        diff <= 0.03 * max_abs(&expected),
+        "bf16 logits off by {diff}"
+    );
 }
 
 #[test]
@@ -67,7 +70,10 @@ fn a_model_runs_in_bf16_and_f16_compute() {
         assert_eq!(model.dtype(), dtype);
         let got = logits(&model, &config, &device);
         let diff = max_abs_diff(&got, &expected);
-        assert!(diff <= 0.05 * max_abs(&expected), "{dtype:?} logits off by {diff}");
+        assert!(
+            diff <= 0.05 * max_abs(&expected),
+            "{dtype:?} logits off by {diff}"
+        );
     }
 }
 
@@ -79,7 +85,10 @@ fn sharded_checkpoint_loads_identically() {
     write_model(dir.path(), DType::F32, 3);
     assert!(!dir.path().join("model.safetensors").exists());
     let (_, model) = Llama::from_pretrained(dir.path(), &device, DType::F32).unwrap();
-    assert_eq!(logits(&model, &config, &device), logits(&reference, &config, &device));
+    assert_eq!(
+        logits(&model, &config, &device),
+        logits(&reference, &config, &device)
+    );
 }
 
 fn load_err(dir: &Path) -> String {
@@ -90,7 +99,11 @@ fn load_err(dir: &Path) -> String {
 /// A model folder whose safetensors file holds `tensors` instead of the fixture's.
 fn with_tensors(edit: impl FnOnce(&mut Vec<(String, TensorData)>)) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(fixture_model().join("config.json"), dir.path().join("config.json")).unwrap();
+    std::fs::copy(
+        fixture_model().join("config.json"),
+        dir.path().join("config.json"),
+    )
+    .unwrap();
     let (_, model) = Llama::from_pretrained(fixture_model(), &Device::flex(), DType::F32).unwrap();
     let mut tensors = named_tensors(&model);
     edit(&mut tensors);
@@ -102,22 +115,36 @@ fn with_tensors(edit: impl FnOnce(&mut Vec<(String, TensorData)>)) -> tempfile::
 fn missing_tensor_is_named() {
     let dir = with_tensors(|t| t.retain(|(k, _)| k != "model.layers.1.mlp.up_proj.weight"));
     let err = load_err(dir.path());
-    assert!(err.contains("missing tensor `model.layers.1.mlp.up_proj.weight`"), "{err}");
+    assert!(
+        err.contains("missing tensor `model.layers.1.mlp.up_proj.weight`"),
+        "{err}"
+    );
 }
 
 #[test]
 fn wrong_shape_names_key_and_both_shapes() {
     let dir = with_tensors(|t| {
-        let slot = t.iter_mut().find(|(k, _)| k == "model.norm.weight").unwrap();
+        let slot = t
+            .iter_mut()
+            .find(|(k, _)| k == "model.norm.weight")
+            .unwrap();
         slot.1 = TensorData::new(vec![1.0f32; 3], [3]);
     });
     let err = load_err(dir.path());
-    assert!(err.contains("`model.norm.weight`") && err.contains("[3]") && err.contains("[64]"), "{err}");
+    assert!(
+        err.contains("`model.norm.weight`") && err.contains("[3]") && err.contains("[64]"),
+        "{err}"
+    );
 }
 
 #[test]
 fn unexpected_tensor_is_named() {
-    let dir = with_tensors(|t| t.push(("model.layers.9.extra.weight".into(), TensorData::new(vec![0.0f32], [1]))));
+    let dir = with_tensors(|t| {
+        t.push((
+            "model.layers.9.extra.weight".into(),
+            TensorData::new(vec![0.0f32], [1]),
+        ))
+    });
     let err = load_err(dir.path());
     assert!(err.contains("model.layers.9.extra.weight"), "{err}");
 }
@@ -150,7 +177,10 @@ fn bad_config_values_name_the_field() {
         bad[field] = value;
         std::fs::write(dir.path().join("config.json"), bad.to_string()).unwrap();
         let err = load_err(dir.path());
-        assert!(err.contains(field) || err.contains("config.json"), "{field}: {err}");
+        assert!(
+            err.contains(field) || err.contains("config.json"),
+            "{field}: {err}"
+        );
     }
     std::fs::write(dir.path().join("config.json"), "{ not json").unwrap();
     assert!(load_err(dir.path()).contains("config.json"));

@@ -22,7 +22,11 @@ fn check_io(io_name: &str) {
 
     let logits = model.forward(ids, &ctx);
     let (ref_logits, shape) = io.floats("logits");
-    assert_eq!(logits.dims().as_slice(), shape.as_slice(), "{io_name}: logits shape");
+    assert_eq!(
+        logits.dims().as_slice(),
+        shape.as_slice(),
+        "{io_name}: logits shape"
+    );
     let ours = to_vec(logits.clone());
     let vocab = config.vocab_size;
     let mut worst = 0.0f32;
@@ -38,7 +42,10 @@ fn check_io(io_name: &str) {
     let ref_loss = io.floats("loss").0[0];
     let ours_loss = to_vec(loss.clone())[0];
     eprintln!("{io_name}: loss {ours_loss} vs {ref_loss}");
-    assert!((ours_loss - ref_loss).abs() <= 1e-5, "{io_name}: loss {ours_loss} vs {ref_loss}");
+    assert!(
+        (ours_loss - ref_loss).abs() <= 1e-5,
+        "{io_name}: loss {ours_loss} vs {ref_loss}"
+    );
 
     let grads = loss.backward();
     let ours_grads = named_grads(&model, &grads);
@@ -58,8 +65,14 @@ fn check_io(io_name: &str) {
             .unwrap_or_else(|| panic!("no gradient for {path}"));
         let diff = max_abs_diff(ours, &reference);
         let bound = 1e-4 * max_abs(&reference);
-        eprintln!("{io_name}: {path} gradient max diff {:e} of max|ref|", diff / max_abs(&reference));
-        assert!(diff <= bound, "{io_name}: {path} gradient max diff {diff} > {bound}");
+        eprintln!(
+            "{io_name}: {path} gradient max diff {:e} of max|ref|",
+            diff / max_abs(&reference)
+        );
+        assert!(
+            diff <= bound,
+            "{io_name}: {path} gradient max diff {diff} > {bound}"
+        );
     }
 }
 

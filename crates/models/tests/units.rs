@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use common::*;
 use kiln_models::layers::Init;
-use kiln_models::{Context, Llama, LlamaConfig, ParamSource, Result, causal_lm_loss, named_tensors};
+use kiln_models::{
+    Context, Llama, LlamaConfig, ParamSource, Result, causal_lm_loss, named_tensors,
+};
 
 fn tiny(kv_heads: usize) -> LlamaConfig {
     LlamaConfig::from_json(&format!(
@@ -21,7 +23,9 @@ fn tiny(kv_heads: usize) -> LlamaConfig {
 }
 
 fn ids(config: &LlamaConfig, batch: usize, seq: usize, device: &Device) -> Tensor<2, Int> {
-    let v: Vec<i64> = (0..batch * seq).map(|i| ((i * 7 + 3) % config.vocab_size) as i64).collect();
+    let v: Vec<i64> = (0..batch * seq)
+        .map(|i| ((i * 7 + 3) % config.vocab_size) as i64)
+        .collect();
     Tensor::from_data(TensorData::new(v, [batch, seq]), device)
 }
 
@@ -29,7 +33,12 @@ fn ids(config: &LlamaConfig, batch: usize, seq: usize, device: &Device) -> Tenso
 struct MapSource(HashMap<String, TensorData>, Device);
 
 impl ParamSource for MapSource {
-    fn tensor<const D: usize>(&mut self, key: &str, _shape: [usize; D], _init: Init) -> Result<Tensor<D>> {
+    fn tensor<const D: usize>(
+        &mut self,
+        key: &str,
+        _shape: [usize; D],
+        _init: Init,
+    ) -> Result<Tensor<D>> {
         Ok(Tensor::from_data(self.0[key].clone(), &self.1))
     }
 }
@@ -50,13 +59,19 @@ fn grouped_query_attention_equals_repeated_kv_heads() {
             let repeated: Vec<f32> = (0..mha.num_key_value_heads)
                 .flat_map(|k| rows[(k / 2) * d * h..(k / 2 + 1) * d * h].to_vec())
                 .collect();
-            tensors.insert(key, TensorData::new(repeated, [mha.num_key_value_heads * d, h]));
+            tensors.insert(
+                key,
+                TensorData::new(repeated, [mha.num_key_value_heads * d, h]),
+            );
         }
     }
     let repeated = Llama::load(&mha, &mut MapSource(tensors, device.clone())).unwrap();
     let x = ids(&gqa, 2, 9, &device);
     let ctx = Context::new(&gqa, 2, 9, None, &device, DType::F32).unwrap();
-    let diff = max_abs_diff(&to_vec(model.forward(x.clone(), &ctx)), &to_vec(repeated.forward(x, &ctx)));
+    let diff = max_abs_diff(
+        &to_vec(model.forward(x.clone(), &ctx)),
+        &to_vec(repeated.forward(x, &ctx)),
+    );
     assert!(diff <= 1e-5, "GQA vs repeated kv heads: {diff}");
 }
 
@@ -67,10 +82,15 @@ fn unit_by_unit_backward_equals_whole_model_backward() {
     let model = Llama::random(&config, 5, &device, DType::F32).unwrap();
     let (batch, seq) = (3, 8);
     let x = ids(&config, batch, seq, &device);
-    let mask: Vec<i64> = (0..batch * seq).map(|i| i64::from(!(i / seq == 1 && i % seq < 3))).collect();
+    let mask: Vec<i64> = (0..batch * seq)
+        .map(|i| i64::from(!(i / seq == 1 && i % seq < 3)))
+        .collect();
     let ctx = Context::new(&config, batch, seq, Some(&mask), &device, DType::F32).unwrap();
 
-    let whole = named_grads(&model, &causal_lm_loss(model.forward(x.clone(), &ctx), x.clone()).backward());
+    let whole = named_grads(
+        &model,
+        &causal_lm_loss(model.forward(x.clone(), &ctx), x.clone()).backward(),
+    );
 
     // Forward unit by unit, keeping only the detached input of each block.
     let mut inputs = vec![];
@@ -87,7 +107,9 @@ fn unit_by_unit_backward_equals_whole_model_backward() {
     per_unit.extend(named_grads(&model, &grads));
     for (layer, input) in model.model.layers.iter().zip(inputs).rev() {
         let input = input.require_grad();
-        let grads = (layer.forward(input.clone(), &ctx) * upstream.clone()).sum().backward();
+        let grads = (layer.forward(input.clone(), &ctx) * upstream.clone())
+            .sum()
+            .backward();
         upstream = input.grad(&grads).unwrap();
         per_unit.extend(named_grads(&model, &grads));
     }
@@ -98,7 +120,10 @@ fn unit_by_unit_backward_equals_whole_model_backward() {
     for (path, reference) in &whole {
         let (_, ours) = per_unit.iter().find(|(p, _)| p == path).unwrap();
         let diff = max_abs_diff(ours, reference);
-        assert!(diff <= 1e-5 * max_abs(reference).max(1e-6), "{path}: {diff}");
+        assert!(
+            diff <= 1e-5 * max_abs(reference).max(1e-6),
+            "{path}: {diff}"
+        );
     }
 }
 
@@ -111,10 +136,19 @@ fn random_init_is_deterministic_and_seeded() {
     let c = named_tensors(&Llama::random(&config, 2, &device, DType::F32).unwrap());
     assert_eq!(a, b);
     assert_ne!(a, c);
-    let (_, q) = a.iter().find(|(k, _)| k == "model.layers.0.self_attn.q_proj.weight").unwrap();
+    let (_, q) = a
+        .iter()
+        .find(|(k, _)| k == "model.layers.0.self_attn.q_proj.weight")
+        .unwrap();
     let q: Vec<f32> = q.clone().try_into_vec().unwrap();
     let std = (q.iter().map(|v| v * v).sum::<f32>() / q.len() as f32).sqrt();
     assert!((std - 0.02).abs() < 0.004, "init std {std}");
     let (_, norm) = a.iter().find(|(k, _)| k == "model.norm.weight").unwrap();
-    assert!(norm.clone().try_into_vec::<f32>().unwrap().iter().all(|&v| v == 1.0));
+    assert!(
+        norm.clone()
+            .try_into_vec::<f32>()
+            .unwrap()
+            .iter()
+            .all(|&v| v == 1.0)
+    );
 }

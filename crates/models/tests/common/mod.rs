@@ -39,7 +39,10 @@ impl Io {
 }
 
 pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.cast(DType::F32).into_data().try_into_vec::<f32>().unwrap()
+    t.cast(DType::F32)
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap()
 }
 
 pub fn max_abs(v: &[f32]) -> f32 {
@@ -48,7 +51,9 @@ pub fn max_abs(v: &[f32]) -> f32 {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
+    a.iter()
+        .zip(b)
+        .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()))
 }
 
 /// The gradient of every float parameter, keyed by its module path (= HF name).
