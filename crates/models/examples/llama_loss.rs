@@ -48,7 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             causal_lm_loss(model.forward(ids.clone(), &ctx), labels.clone()).into_scalar();
         println!(
             "{dtype:?} weights and compute: loaded in {loaded:.1?}, loss on {batch}x{seq} tokens {loss:.6} in {:.1?}",
-            start.elapsed() - loaded
+            start.elapsed()
         );
     }
     if let Ok(reference) = io.data("loss") {
