@@ -35,15 +35,14 @@ pub enum LoraError {
         source_name: String,
     },
     #[error(
-        "{source_name}: `{key}` has shape {found:?}; the model's `{module}.weight` is {base:?}, so r={r} needs {expected:?}"
+        "{source_name}: `{key}` has shape {found:?}; the model's `{module}.weight` is {base:?}, so it needs {expected:?}"
     )]
     ShapeMismatch {
         key: String,
         module: String,
-        found: Vec<usize>,
-        expected: Vec<usize>,
-        base: Vec<usize>,
-        r: usize,
+        found: [usize; 2],
+        expected: [usize; 2],
+        base: [usize; 2],
         source_name: String,
     },
     #[error("{source_name}: unexpected tensor `{key}` ({reason})")]

@@ -77,7 +77,7 @@ fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -252,14 +252,15 @@ impl<M: Module> LoraModel<M> {
                 (a, Factor::A, [config.r, inp]),
                 (b, Factor::B, [out, config.r]),
             ] {
-                if data.shape().as_slice() != expected.as_slice() {
+                // `pairs` checked that every factor is 2-D.
+                let found = [data.shape()[0], data.shape()[1]];
+                if found != expected {
                     return Err(LoraError::ShapeMismatch {
                         key: peft_key(&module, factor),
                         module: module.clone(),
-                        found: data.shape().to_vec(),
-                        expected: expected.to_vec(),
-                        base: info.shape.to_vec(),
-                        r: config.r,
+                        found,
+                        expected,
+                        base: info.shape,
                         source_name: source_name.into(),
                     });
                 }
