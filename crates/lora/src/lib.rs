@@ -1,1 +1,53 @@
+//! LoRA adapters on any burn module, by parameter path, compatible with Hugging Face PEFT.
+//!
+//! A target weight `W0` (`[out, in]`, HF layout) runs as `W0 + scaling · B A` with
+//! `A: [r, in]` (`lora_A`), `B: [out, r]` (`lora_B`) and `scaling = alpha / r`
+//! (`alpha / sqrt(r)` with rsLoRA). Only A and B train; [`LoraModel::merge`] folds `scaling · B A`
+//! into `W0` for inference at the base model's cost, [`LoraModel::unmerge`] takes it out again,
+//! and [`LoraModel::set_adapter`] switches between named adapters.
+//!
+//! ```ignore
+//! let mut lora = LoraModel::new(model);                      // freezes every base parameter
+//! lora.add_adapter("default", LoraConfig::default(), seed)?;  // q_proj, v_proj; r = 8
+//! let logits = lora.model().forward(ids, &ctx);               // the model's own forward
+//! let grads = GradientsParams::from_grads(loss.backward(), lora.model());
+//! lora.map_model(|m| optim.step(lr, m, grads));               // optimizer state: A and B only
+//! lora.save_adapter("default", "out/adapter")?;               // PEFT adapter folder
+//! ```
+//!
+//! # burn's LoRA reparameterization: what is used, and why
+//!
+//! burn 0.22.1 can attach a reparameterization to any `Param` (`Module::apply_reparameterization`):
+//! the parameter's `val()` then returns `base + scale · (a @ b)` ([`burn::module::LoraAdapter`]),
+//! and `a`, `b` become ordinary parameters (paths `<weight>.lora.a` / `.lora.b`) seen by
+//! autodiff, optimizers and visitors. That is the only way into an unmodified module's forward, so
+//! kiln uses that mechanism and burn's `LoraAdapter` type, with `a = B` and `b = A` for HF
+//! `[out, in]` weights (`a = Aᵀ`, `b = Bᵀ` under PEFT's `fan_in_fan_out`).
+//!
+//! kiln does not use burn's `Lora` reparameterizer (`Module::apply_lora`), which cannot do what
+//! PEFT compatibility needs: it targets by `ParamGroup` rather than PEFT's suffix / regex /
+//! `all-linear` rules, initialises the other factor (`a ~ N(0, 1/r)` on a `[in, r]` factor of a
+//! burn-layout `[in, out]` weight, so for HF weights the *B* side would be random), knows only
+//! `alpha / r`, and `materialize` merges without a way back. kiln's own [`Reparameterizer`]
+//! (`Attach` in `model.rs`) attaches factors with PEFT's init, scaling and layout; named adapters,
+//! switching, disabling, merge and unmerge keep an adapter-free frozen base and re-attach (burn
+//! cannot detach a reparameterization, so the base is kept rather than stripped).
+//!
+//! Cost of the weight-space form: each forward builds the dense `W0 + scaling · B A` of every
+//! target and backward forms a dense `[out, in]` gradient before projecting it onto A and B,
+//! where PEFT computes `x Aᵀ Bᵀ` on activations. Gradients and optimizer state still exist only
+//! for A and B. `lora_dropout` is stored and written back but not applied: dropout acts on a
+//! layer's input, which a weight reparameterization cannot reach (it is the identity at
+//! inference, so loaded adapters compute exactly as in PEFT).
+//!
+//! [`Reparameterizer`]: burn::module::Reparameterizer
 
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod peft;
+
+pub use config::{LoraConfig, LoraInit, TargetModules};
+pub use error::{LoraError, Result};
+pub use model::{LoraModel, TrainableParams, WeightInfo};
+pub use peft::{Factor, PeftAdapter, parse_key, peft_key};

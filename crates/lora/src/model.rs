@@ -1,0 +1,802 @@
+//! `LoraModel`: a frozen burn module with named adapters attached by parameter path.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use burn::module::{
+    LoraAdapter, Module, ModuleMapper, ModuleVisitor, Param, ParamId, Reparameterization,
+    Reparameterizer,
+};
+use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
+
+use crate::config::{LoraConfig, LoraInit};
+use crate::error::{LoraError, Result};
+use crate::peft::{Factor, PeftAdapter, peft_key};
+
+/// A 2-D float parameter named `weight`: what an adapter can attach to.
+#[derive(Debug, Clone)]
+pub struct WeightInfo {
+    /// As stored: `[out, in]` for HF linear layers.
+    pub shape: [usize; 2],
+    pub dtype: DType,
+    pub device: Device,
+    /// burn's name of the owning module type, e.g. `Struct:Linear`.
+    pub container: String,
+}
+
+impl WeightInfo {
+    fn is_linear(&self) -> bool {
+        self.container.ends_with("Linear")
+    }
+
+    /// `(out_features, in_features)` under the adapter's layout.
+    fn out_in(&self, fan_in_fan_out: bool) -> (usize, usize) {
+        match fan_in_fan_out {
+            false => (self.shape[0], self.shape[1]),
+            true => (self.shape[1], self.shape[0]),
+        }
+    }
+}
+
+/// One module's factors, in PEFT orientation: `a` is `lora_A` `[r, in]`, `b` is `lora_B` `[out, r]`.
+/// The ids stay with the adapter across switches, so optimizer state keyed by them survives.
+#[derive(Debug, Clone)]
+struct Layer {
+    a: Tensor<2>,
+    b: Tensor<2>,
+    a_id: ParamId,
+    b_id: ParamId,
+}
+
+#[derive(Debug, Clone)]
+struct Adapter {
+    config: LoraConfig,
+    layers: BTreeMap<String, Layer>,
+}
+
+/// PEFT's `print_trainable_parameters`: trainable / all, where all counts base and adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrainableParams {
+    pub trainable: usize,
+    pub all: usize,
+}
+
+impl std::fmt::Display for TrainableParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pct = 100.0 * self.trainable as f64 / self.all.max(1) as f64;
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {pct:.4}",
+            thousands(self.trainable),
+            thousands(self.all)
+        )
+    }
+}
+
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A burn module with frozen base weights and any number of named LoRA adapters, at most one
+/// active. The active adapter is attached to its target weights as a burn reparameterization, so
+/// the module's own `forward` computes with `W0 + scaling · B A` unchanged.
+///
+/// Train by running [`model`](Self::model), then stepping an optimizer through
+/// [`map_model`](Self::map_model); only `lora_A` / `lora_B` have gradients.
+#[derive(Debug)]
+pub struct LoraModel<M: Module> {
+    /// The frozen base without adapters (holding the merged weights while merged).
+    base: M,
+    /// What runs: `base` with the active adapter attached, or `base` itself.
+    live: M,
+    weights: BTreeMap<String, WeightInfo>,
+    adapters: BTreeMap<String, Adapter>,
+    active: Option<String>,
+    merged: bool,
+}
+
+impl<M: Module> LoraModel<M> {
+    /// Freezes every float parameter of `model` (as PEFT does) and finds its 2-D `weight`s.
+    pub fn new(model: M) -> Self {
+        let base = model.map(&mut Freeze);
+        let mut discover = Discover::default();
+        base.visit(&mut discover);
+        Self {
+            live: base.clone(),
+            base,
+            weights: discover.out,
+            adapters: BTreeMap::new(),
+            active: None,
+            merged: false,
+        }
+    }
+
+    /// The module to run: base plus the active adapter (or merged, or bare when disabled).
+    pub fn model(&self) -> &M {
+        &self.live
+    }
+
+    /// The frozen base weights without adapters (with the active adapter folded in while merged).
+    pub fn base(&self) -> &M {
+        &self.base
+    }
+
+    /// Replaces the running module by `f(module)`, e.g. `|m| optim.step(lr, m, grads)`.
+    /// `f` must keep the module's structure; it may change parameter values.
+    pub fn map_model(&mut self, f: impl FnOnce(M) -> M) {
+        let live = std::mem::replace(&mut self.live, self.base.clone());
+        self.live = f(live);
+    }
+
+    /// Every module with a 2-D `weight`, by module path (`model.layers.0.self_attn.q_proj`).
+    pub fn weights(&self) -> &BTreeMap<String, WeightInfo> {
+        &self.weights
+    }
+
+    /// The modules `config.target_modules` selects, in path order.
+    pub fn targets(&self, config: &LoraConfig) -> Result<Vec<String>> {
+        let matches = config.target_modules.matcher()?;
+        let mut out = vec![];
+        for (module, info) in &self.weights {
+            if !matches(module, info.is_linear()) {
+                continue;
+            }
+            if info.container.ends_with("Embedding") {
+                return Err(LoraError::Unsupported(format!(
+                    "target_modules {} select the embedding `{module}`; kiln adapts linear layers only",
+                    config.target_modules
+                )));
+            }
+            out.push(module.clone());
+        }
+        if out.is_empty() {
+            return Err(LoraError::NoTargets {
+                targets: config.target_modules.to_string(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Adds a fresh adapter: A from `config.init` (seeded per module, so the values do not depend
+    /// on which modules are targeted), B zero. Activates it when no adapter is active.
+    pub fn add_adapter(&mut self, name: &str, config: LoraConfig, seed: u64) -> Result<()> {
+        self.check_new(name)?;
+        config.validate()?;
+        let mut layers = BTreeMap::new();
+        for module in self.targets(&config)? {
+            let info = &self.weights[&module];
+            let (out, inp) = info.out_in(config.fan_in_fan_out);
+            let mut rng = SplitMix64(seed ^ fnv1a(module.as_bytes()));
+            let a: Vec<f32> = match config.init {
+                // torch `kaiming_uniform_(a=sqrt(5))`: bound = sqrt(6 / ((1 + 5) fan_in)) = 1/sqrt(fan_in).
+                LoraInit::Kaiming => {
+                    let bound = 1.0 / (inp as f64).sqrt();
+                    (0..config.r * inp)
+                        .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
+                        .collect()
+                }
+                LoraInit::Gaussian => {
+                    let std = 1.0 / config.r as f64;
+                    (0..config.r * inp)
+                        .map(|_| (rng.normal() * std) as f32)
+                        .collect()
+                }
+            };
+            let a = tensor(TensorData::new(a, [config.r, inp]), info);
+            let b = tensor(TensorData::zeros::<f32, _>([out, config.r]), info);
+            layers.insert(module, Layer::new(a, b));
+        }
+        self.insert(name, Adapter { config, layers })
+    }
+
+    /// Adds an adapter read from a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`).
+    pub fn load_adapter(&mut self, name: &str, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        let peft = PeftAdapter::load(dir)?;
+        self.add_peft(name, &peft, &dir.display().to_string())
+    }
+
+    /// Adds an adapter from PEFT tensors, refusing one whose modules or shapes do not match the
+    /// model; `source_name` names it in errors.
+    pub fn add_peft(&mut self, name: &str, peft: &PeftAdapter, source_name: &str) -> Result<()> {
+        self.check_new(name)?;
+        let config = &peft.config;
+        let pairs = peft.pairs(source_name)?;
+        let unknown: Vec<String> = pairs
+            .keys()
+            .filter(|m| !self.weights.contains_key(*m))
+            .cloned()
+            .collect();
+        if !unknown.is_empty() {
+            return Err(LoraError::UnknownModules {
+                modules: unknown,
+                source_name: source_name.into(),
+            });
+        }
+        let selected = self.targets(config)?;
+        let missing: Vec<String> = selected
+            .iter()
+            .filter(|m| !pairs.contains_key(*m))
+            .cloned()
+            .collect();
+        if !missing.is_empty() {
+            return Err(LoraError::MissingModules {
+                modules: missing,
+                targets: config.target_modules.to_string(),
+                source_name: source_name.into(),
+            });
+        }
+        let mut layers = BTreeMap::new();
+        for (module, (a, b)) in pairs {
+            if !selected.contains(&module) {
+                return Err(LoraError::UnexpectedKey {
+                    key: peft_key(&module, Factor::A),
+                    reason: format!(
+                        "target_modules {} do not select `{module}`",
+                        config.target_modules
+                    ),
+                    source_name: source_name.into(),
+                });
+            }
+            let info = &self.weights[&module];
+            let (out, inp) = info.out_in(config.fan_in_fan_out);
+            for (data, factor, expected) in [
+                (a, Factor::A, [config.r, inp]),
+                (b, Factor::B, [out, config.r]),
+            ] {
+                // `pairs` checked that every factor is 2-D.
+                let found = [data.shape()[0], data.shape()[1]];
+                if found != expected {
+                    return Err(LoraError::ShapeMismatch {
+                        key: peft_key(&module, factor),
+                        module: module.clone(),
+                        found,
+                        expected,
+                        base: info.shape,
+                        source_name: source_name.into(),
+                    });
+                }
+            }
+            let layer = Layer::new(tensor(a.clone(), info), tensor(b.clone(), info));
+            layers.insert(module, layer);
+        }
+        self.insert(
+            name,
+            Adapter {
+                config: config.clone(),
+                layers,
+            },
+        )
+    }
+
+    /// The adapter as PEFT files would hold it, with its current (trained) values.
+    pub fn to_peft(&self, name: &str) -> Result<PeftAdapter> {
+        let adapter = self.adapter(name)?;
+        let mut tensors = BTreeMap::new();
+        for (module, layer) in self.current_layers(name)? {
+            tensors.insert(peft_key(&module, Factor::A), layer.a.into_data());
+            tensors.insert(peft_key(&module, Factor::B), layer.b.into_data());
+        }
+        let peft = PeftAdapter {
+            config: adapter.config.clone(),
+            tensors,
+        };
+        let expected = self.targets(&adapter.config)?;
+        let pairs = peft.pairs(name)?;
+        if pairs.len() != expected.len() {
+            return Err(LoraError::State(format!(
+                "adapter `{name}` has {} of the {} modules its config targets",
+                pairs.len(),
+                expected.len()
+            )));
+        }
+        Ok(peft)
+    }
+
+    /// Saves the adapter as a PEFT folder (atomically per file; refuses empty or partial adapters).
+    pub fn save_adapter(&self, name: &str, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        let peft = self.to_peft(name).map_err(|e| LoraError::Incomplete {
+            path: dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        peft.save(dir)
+    }
+
+    /// Makes `name` the active adapter (unmerging first if merged).
+    pub fn set_adapter(&mut self, name: &str) -> Result<()> {
+        self.adapter(name)?;
+        if self.merged {
+            self.unmerge()?;
+        }
+        self.sync()?;
+        self.live = self.attach(name);
+        self.active = Some(name.to_string());
+        Ok(())
+    }
+
+    /// Runs the bare base model (unmerging first if merged); [`set_adapter`](Self::set_adapter)
+    /// turns an adapter back on.
+    pub fn disable_adapters(&mut self) -> Result<()> {
+        if self.merged {
+            self.unmerge()?;
+        }
+        self.sync()?;
+        self.live = self.base.clone();
+        self.active = None;
+        Ok(())
+    }
+
+    /// Forgets an adapter (disabling it first if it is active).
+    pub fn delete_adapter(&mut self, name: &str) -> Result<()> {
+        self.adapter(name)?;
+        if self.active.as_deref() == Some(name) {
+            self.disable_adapters()?;
+        }
+        self.adapters.remove(name);
+        Ok(())
+    }
+
+    /// Adds `scaling · B A` of the active adapter into the base weights: inference then costs
+    /// exactly the base model's. A no-op when already merged.
+    pub fn merge(&mut self) -> Result<()> {
+        if self.merged {
+            return Ok(());
+        }
+        let name = self
+            .active
+            .clone()
+            .ok_or_else(|| LoraError::State("no active adapter to merge".into()))?;
+        self.sync()?;
+        self.base = self
+            .base
+            .clone()
+            .map(&mut AddDelta::new(&self.adapters[&name], 1.0));
+        self.live = self.base.clone();
+        self.merged = true;
+        Ok(())
+    }
+
+    /// Subtracts the merged adapter from the base weights and attaches it again.
+    /// A no-op when not merged.
+    pub fn unmerge(&mut self) -> Result<()> {
+        let Some(name) = self.active.clone().filter(|_| self.merged) else {
+            return Ok(());
+        };
+        self.base = self
+            .base
+            .clone()
+            .map(&mut AddDelta::new(&self.adapters[&name], -1.0));
+        self.merged = false;
+        self.live = self.attach(&name);
+        Ok(())
+    }
+
+    /// Merges the active adapter (if any) and returns the plain module.
+    pub fn merge_and_unload(mut self) -> Result<M> {
+        if self.active.is_some() {
+            self.merge()?;
+        }
+        Ok(self.base)
+    }
+
+    pub fn active_adapter(&self) -> Option<&str> {
+        self.active.as_deref()
+    }
+
+    pub fn adapter_names(&self) -> Vec<&str> {
+        self.adapters.keys().map(String::as_str).collect()
+    }
+
+    pub fn is_merged(&self) -> bool {
+        self.merged
+    }
+
+    pub fn config(&self, name: &str) -> Result<&LoraConfig> {
+        Ok(&self.adapter(name)?.config)
+    }
+
+    /// PEFT's `print_trainable_parameters` of the running module: the active, unmerged adapter's
+    /// factors are the trainable parameters; all = base + those factors.
+    pub fn trainable_parameters(&self) -> TrainableParams {
+        let mut count = Count::default();
+        self.live.visit(&mut count);
+        TrainableParams {
+            trainable: count.adapter,
+            all: count.all,
+        }
+    }
+
+    /// The gradient of every factor of the active adapter, by PEFT key, in PEFT orientation.
+    pub fn adapter_grads(&self, grads: &Gradients) -> BTreeMap<String, Tensor<2>> {
+        let fifo = self.active_config().is_some_and(|c| c.fan_in_fan_out);
+        let mut factors = Factors::new(Some(grads));
+        self.live.visit(&mut factors);
+        let mut out = BTreeMap::new();
+        for (module, (a, b)) in factors.pairs() {
+            let (a, b) = burn_to_peft(a.0, b.0, fifo);
+            out.insert(peft_key(&module, Factor::A), a);
+            out.insert(peft_key(&module, Factor::B), b);
+        }
+        out
+    }
+
+    /// The ids of the active adapter's factor parameters (what an optimizer should hold state for).
+    pub fn adapter_param_ids(&self) -> Vec<ParamId> {
+        let mut factors = Factors::new(None);
+        self.live.visit(&mut factors);
+        factors
+            .pairs()
+            .into_values()
+            .flat_map(|(a, b)| [a.1, b.1])
+            .collect()
+    }
+
+    fn active_config(&self) -> Option<&LoraConfig> {
+        self.active.as_ref().map(|n| &self.adapters[n].config)
+    }
+
+    fn adapter(&self, name: &str) -> Result<&Adapter> {
+        self.adapters
+            .get(name)
+            .ok_or_else(|| LoraError::UnknownAdapter {
+                name: name.into(),
+                loaded: self.adapters.keys().cloned().collect(),
+            })
+    }
+
+    fn check_new(&self, name: &str) -> Result<()> {
+        match self.adapters.contains_key(name) {
+            true => Err(LoraError::DuplicateAdapter(name.into())),
+            false => Ok(()),
+        }
+    }
+
+    fn insert(&mut self, name: &str, adapter: Adapter) -> Result<()> {
+        self.adapters.insert(name.to_string(), adapter);
+        if self.active.is_none() {
+            self.set_adapter(name)?;
+        }
+        Ok(())
+    }
+
+    /// The adapter's values: read from the running module while it trains there.
+    fn current_layers(&self, name: &str) -> Result<BTreeMap<String, Layer>> {
+        let adapter = self.adapter(name)?;
+        if self.active.as_deref() != Some(name) || self.merged {
+            return Ok(adapter.layers.clone());
+        }
+        let mut factors = Factors::new(None);
+        self.live.visit(&mut factors);
+        let fifo = adapter.config.fan_in_fan_out;
+        Ok(factors
+            .pairs()
+            .into_iter()
+            .map(|(module, ((a, a_burn_id), (b, b_burn_id)))| {
+                let (ids_a, ids_b) = match fifo {
+                    false => (b_burn_id, a_burn_id),
+                    true => (a_burn_id, b_burn_id),
+                };
+                let (a, b) = burn_to_peft(a, b, fifo);
+                let layer = Layer {
+                    a: a.detach(),
+                    b: b.detach(),
+                    a_id: ids_a,
+                    b_id: ids_b,
+                };
+                (module, layer)
+            })
+            .collect())
+    }
+
+    /// Copies the running adapter's trained values back into the store before it is detached.
+    fn sync(&mut self) -> Result<()> {
+        if let Some(name) = self.active.clone().filter(|_| !self.merged) {
+            let layers = self.current_layers(&name)?;
+            if let Some(adapter) = self.adapters.get_mut(&name) {
+                adapter.layers = layers;
+            }
+        }
+        Ok(())
+    }
+
+    fn attach(&self, name: &str) -> M {
+        let adapter = &self.adapters[name];
+        self.base.clone().apply_reparameterization(Attach {
+            layers: &adapter.layers,
+            scaling: adapter.config.scaling(),
+            fan_in_fan_out: adapter.config.fan_in_fan_out,
+        })
+    }
+}
+
+impl Layer {
+    fn new(a: Tensor<2>, b: Tensor<2>) -> Self {
+        Self {
+            a,
+            b,
+            a_id: ParamId::new(),
+            b_id: ParamId::new(),
+        }
+    }
+}
+
+fn tensor(data: TensorData, info: &WeightInfo) -> Tensor<2> {
+    Tensor::from_data(data.convert_dtype(info.dtype), (&info.device, info.dtype))
+}
+
+/// burn's `LoraAdapter` composes `base + scale · (a @ b)`. With HF `[out, in]` weights that is
+/// `a = B`, `b = A`; with `fan_in_fan_out` (`[in, out]`) it is `a = Aᵀ`, `b = Bᵀ`.
+fn peft_to_burn(
+    layer: &Layer,
+    fan_in_fan_out: bool,
+) -> ((Tensor<2>, ParamId), (Tensor<2>, ParamId)) {
+    match fan_in_fan_out {
+        false => ((layer.b.clone(), layer.b_id), (layer.a.clone(), layer.a_id)),
+        true => (
+            (layer.a.clone().transpose(), layer.a_id),
+            (layer.b.clone().transpose(), layer.b_id),
+        ),
+    }
+}
+
+/// Inverse of [`peft_to_burn`] on values: `(burn a, burn b)` -> `(A, B)`.
+fn burn_to_peft(a: Tensor<2>, b: Tensor<2>, fan_in_fan_out: bool) -> (Tensor<2>, Tensor<2>) {
+    match fan_in_fan_out {
+        false => (b, a),
+        true => (a.transpose(), b.transpose()),
+    }
+}
+
+/// Attaches one adapter's factors to the weights they target.
+struct Attach<'a> {
+    layers: &'a BTreeMap<String, Layer>,
+    scaling: f64,
+    fan_in_fan_out: bool,
+}
+
+impl Reparameterizer for Attach<'_> {
+    type Reparam = LoraAdapter;
+
+    fn reparameterize<const D: usize>(
+        &mut self,
+        path: &str,
+        param: Param<Tensor<D>>,
+    ) -> (Param<Tensor<D>>, Option<LoraAdapter>) {
+        let layer = path
+            .strip_suffix(".weight")
+            .and_then(|m| self.layers.get(m));
+        let (Some(layer), 2) = (layer, D) else {
+            return (param, None);
+        };
+        let ((a, a_id), (b, b_id)) = peft_to_burn(layer, self.fan_in_fan_out);
+        let factor = |t: Tensor<2>, id: ParamId| {
+            let mut p = Param::from_tensor(t.detach());
+            p.id = id;
+            p
+        };
+        let adapter = LoraAdapter {
+            a: factor(a, a_id),
+            b: factor(b, b_id),
+            scale: self.scaling,
+        };
+        (param, Some(adapter))
+    }
+}
+
+/// `W += sign · scaling · B A` (transposed under `fan_in_fan_out`), computed in f32.
+struct AddDelta<'a> {
+    path: Vec<String>,
+    adapter: &'a Adapter,
+    sign: f64,
+}
+
+impl<'a> AddDelta<'a> {
+    fn new(adapter: &'a Adapter, sign: f64) -> Self {
+        Self {
+            path: vec![],
+            adapter,
+            sign,
+        }
+    }
+}
+
+impl ModuleMapper for AddDelta<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.into());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let path = self.path.join(".");
+        let layer = path
+            .strip_suffix(".weight")
+            .and_then(|m| self.adapter.layers.get(m));
+        let (Some(layer), 2) = (layer, D) else {
+            return param;
+        };
+        let config = &self.adapter.config;
+        let factor = self.sign * config.scaling();
+        let fifo = config.fan_in_fan_out;
+        param.map(|w| {
+            let (dtype, dims) = (w.dtype(), w.dims());
+            let delta = layer
+                .b
+                .clone()
+                .cast(DType::F32)
+                .matmul(layer.a.clone().cast(DType::F32))
+                * factor;
+            let delta = if fifo { delta.transpose() } else { delta };
+            let merged = w.cast(DType::F32).reshape([dims[0], dims[1]]) + delta;
+            merged.cast(dtype).reshape(dims).detach()
+        })
+    }
+}
+
+/// Sets every float parameter to need no gradient.
+struct Freeze;
+
+impl ModuleMapper for Freeze {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        param.set_require_grad(false)
+    }
+}
+
+/// Finds every 2-D `weight` with its module path and owning module type.
+#[derive(Default)]
+struct Discover {
+    path: Vec<String>,
+    containers: Vec<String>,
+    out: BTreeMap<String, WeightInfo>,
+}
+
+impl ModuleVisitor for Discover {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.push(name.into());
+        self.containers.push(container_type.into());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+        self.containers.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let Some((last, parent)) = self.path.split_last() else {
+            return;
+        };
+        if D != 2 || last != "weight" || self.containers.iter().any(|c| c == "Reparameterization") {
+            return;
+        }
+        let value = param.base();
+        let dims = value.dims();
+        let info = WeightInfo {
+            shape: [dims[0], dims[1]],
+            dtype: value.dtype(),
+            device: value.device(),
+            container: self.containers.last().cloned().unwrap_or_default(),
+        };
+        self.out.insert(parent.join("."), info);
+    }
+}
+
+/// The factor parameters attached by `LoraAdapter` (paths `<module>.weight.lora.{a,b}`): their
+/// values, or their gradients when given `Gradients`.
+struct Factors<'g> {
+    path: Vec<String>,
+    grads: Option<&'g Gradients>,
+    out: BTreeMap<String, [Option<(Tensor<2>, ParamId)>; 2]>,
+}
+
+type BurnPair = ((Tensor<2>, ParamId), (Tensor<2>, ParamId));
+
+impl<'g> Factors<'g> {
+    fn new(grads: Option<&'g Gradients>) -> Self {
+        Self {
+            path: vec![],
+            grads,
+            out: BTreeMap::new(),
+        }
+    }
+
+    fn pairs(self) -> BTreeMap<String, BurnPair> {
+        self.out
+            .into_iter()
+            .filter_map(|(m, [a, b])| Some((m, (a?, b?))))
+            .collect()
+    }
+}
+
+impl ModuleVisitor for Factors<'_> {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.into());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let n = self.path.len();
+        if D != 2 || n < 3 || self.path[n - 2] != LoraAdapter::NAME || self.path[n - 3] != "weight"
+        {
+            return;
+        }
+        let index = match self.path[n - 1].as_str() {
+            "a" => 0,
+            "b" => 1,
+            _ => return,
+        };
+        let value = param.val();
+        let value = match self.grads {
+            None => value,
+            Some(grads) => match value.grad(grads) {
+                Some(g) => g,
+                None => return,
+            },
+        };
+        let dims = value.dims();
+        let module = self.path[..n - 3].join(".");
+        self.out.entry(module).or_default()[index] =
+            Some((value.reshape([dims[0], dims[1]]), param.id));
+    }
+}
+
+/// Parameter counts of a module: all, and those inside LoRA adapters.
+#[derive(Default)]
+struct Count {
+    path: Vec<String>,
+    all: usize,
+    adapter: usize,
+}
+
+impl ModuleVisitor for Count {
+    fn enter_module(&mut self, name: &str, _: &str) {
+        self.path.push(name.into());
+    }
+    fn exit_module(&mut self, _: &str, _: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let n = param.lazy_shape().num_elements();
+        self.all += n;
+        if self.path.iter().any(|p| p == LoraAdapter::NAME) {
+            self.adapter += n;
+        }
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A small, portable PRNG: the same adapter init on every platform.
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1).
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal by Box-Muller.
+    fn normal(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform(), self.uniform());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
