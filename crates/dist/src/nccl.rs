@@ -156,7 +156,7 @@ impl NcclBackend {
                     .alloc_zeros::<$t>(r.len())
                     .map_err(|e| self.err(format!("{e:?}")))?;
                 match root {
-                    Some(root) => self.comm.broadcast(&d_send, &mut d_recv, root as i32),
+                    Some(root) => self.comm.broadcast(Some(&d_send), &mut d_recv, root as i32),
                     None => self.comm.all_gather(&d_send, &mut d_recv),
                 }
                 .map_err(|e| self.err(format!("{e:?}")))?;
