@@ -261,37 +261,41 @@ pub(crate) fn reduce_into<T: Element>(dst: &mut [T], srcs: &[&[T]], op: ReduceOp
     }
 }
 
-/// Raw-pointer form of [`reduce_into`] for the shared-memory backend, where `dst` may be one of
-/// the sources (each block is read in full before it is written).
+/// In-place all-reduce of one range across buffers: reads `len` elements at every `bufs[i]`,
+/// reduces them block by block and writes the result back to every `bufs[i]`.
+///
+/// Each block is read from all buffers before it is written to any, so the writes never clobber
+/// an unread input; every written block was just read and is still in cache.
 ///
 /// # Safety
-/// `dst` is valid for `len` writes, each `srcs[i]` for `len` reads, and no other thread writes
-/// the ranges concurrently (other threads may read `dst`'s range only if it is not a source of
-/// theirs being written, which the shard layout guarantees).
-pub(crate) unsafe fn reduce_raw<T: Element>(
-    dst: *mut T,
-    srcs: &[*const T],
+/// Every `bufs[i]` is valid for `len` reads and writes, and no other thread reads or writes these
+/// ranges during the call.
+pub(crate) unsafe fn all_reduce_raw<T: Element>(
+    bufs: &[*mut T],
     len: usize,
     op: ReduceOp,
     world: usize,
 ) {
     let mut acc = [T::Acc::default(); BLOCK];
+    let mut out = [<T as bytemuck::Zeroable>::zeroed(); BLOCK];
     let mut start = 0;
     while start < len {
         let n = BLOCK.min(len - start);
         let acc = &mut acc[..n];
-        for (i, src) in srcs.iter().enumerate() {
-            // SAFETY: by the contract, src[start..start + n] is readable and not being written.
-            let block = unsafe { std::slice::from_raw_parts(src.add(start), n) };
+        for (i, buf) in bufs.iter().enumerate() {
+            // SAFETY: by the contract, buf[start..start + n] is readable and ours alone.
+            let block = unsafe { std::slice::from_raw_parts(buf.add(start), n) };
             if i == 0 {
                 T::load(block, acc);
             } else {
                 T::combine(acc, block, op);
             }
         }
-        // SAFETY: the source blocks above are dead; dst[start..start + n] is ours to write.
-        let out = unsafe { std::slice::from_raw_parts_mut(dst.add(start), n) };
-        T::store(acc, out, op, world);
+        T::store(acc, &mut out[..n], op, world);
+        for buf in bufs {
+            // SAFETY: the source blocks above are dead; buf[start..start + n] is ours to write.
+            unsafe { std::ptr::copy_nonoverlapping(out.as_ptr(), buf.add(start), n) };
+        }
         start += n;
     }
 }

@@ -2,10 +2,10 @@
 //!
 //! A collective publishes each rank's buffer pointer, then runs in phases separated by barriers:
 //!
-//! - all_reduce: (A) publish; every rank reduces *its own shard* reading that shard of all N
-//!   buffers, writing the result into its own buffer (a direct reduce-scatter); (B) every rank
-//!   copies the other N-1 reduced shards out of their owners' buffers (all-gather); (C) done.
-//!   Each byte is read N+1 times and written twice in total, spread over N threads.
+//! - all_reduce: (A) publish; every rank reduces *its own shard* block by block, reading that
+//!   block of all N buffers and writing the result straight back into all N buffers (a direct
+//!   reduce-scatter fused with a push all-gather); (B) done. Memory traffic is the minimum, N·len
+//!   read and N·len written, spread over N threads, and every written block is still in cache.
 //! - reduce_scatter / all_gather / broadcast: (A) publish; read what is needed; (B) done.
 //!
 //! The first barrier also checks that every rank issued the same call (`call::validate`).
@@ -18,7 +18,7 @@
 
 use crate::call::{Call, validate};
 use crate::comm::Communicator;
-use crate::element::{Element, ReduceOp, reduce_into, reduce_raw};
+use crate::element::{Element, ReduceOp, all_reduce_raw, reduce_into};
 use crate::error::{DistError, Result};
 use crate::shard::shard_of;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -108,7 +108,7 @@ impl LocalRank {
     /// Arrives at the next barrier and waits for the others.
     ///
     /// `check`: this is a collective's first barrier; `call` is compared across ranks.
-    /// `reads_follow`: after it, ranks read each other's buffers.
+    /// `reads_follow`: after it, ranks touch (read, or write their own shard of) peers' buffers.
     fn arrive(&self, call: &Call, check: bool, reads_follow: bool) -> Result<()> {
         let sh = &*self.shared;
         let mut st = sh.lock();
@@ -214,27 +214,17 @@ impl LocalRank {
     fn all_reduce_inner<T: Element>(&self, call: &Call, buf: &mut [T], op: ReduceOp) -> Result<()> {
         let world = self.shared.world;
         let len = buf.len();
-        let base = buf.as_mut_ptr();
-        self.publish(base as usize, len);
+        self.publish(buf.as_mut_ptr() as usize, len);
         self.arrive(call, true, true)?;
 
         let mine = shard_of(len, self.rank, world);
-        let srcs: Vec<*const T> = (0..world)
+        let bufs: Vec<*mut T> = (0..world)
             // SAFETY: every peer's buffer has `len` elements (validated), so the offset is in bounds.
-            .map(|q| unsafe { self.peer::<T>(q).0.add(mine.offset) })
+            .map(|q| unsafe { self.peer::<T>(q).0.cast_mut().add(mine.offset) })
             .collect();
-        // SAFETY: shard `mine` of every buffer is written by this rank only, and read by no one
-        // else in this phase; the peers' buffers stay alive until the last barrier.
-        unsafe { reduce_raw(base.add(mine.offset), &srcs, mine.len, op, world) };
-        self.arrive(call, false, true)?;
-
-        for q in (0..world).filter(|&q| q != self.rank) {
-            let s = shard_of(len, q, world);
-            let (src, _) = self.peer::<T>(q);
-            // SAFETY: shard q of rank q's buffer is final and no longer written; our shard q is
-            // read by no one in this phase; the ranges are in bounds and in different buffers.
-            unsafe { std::ptr::copy_nonoverlapping(src.add(s.offset), base.add(s.offset), s.len) };
-        }
+        // SAFETY: shard `mine` of every buffer is read and written by this rank only, and the
+        // peers' buffers stay alive until the last barrier (or `quiesce`).
+        unsafe { all_reduce_raw(&bufs, mine.len, op, world) };
         self.arrive(call, false, false)
     }
 
