@@ -1,0 +1,240 @@
+//! The header every collective carries, and the cross-rank consistency check.
+
+use crate::element::{DType, ReduceOp};
+use crate::error::DistError;
+use crate::shard::shard_of;
+use serde::Serialize;
+use std::fmt;
+
+/// The collectives, named as in NCCL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum Collective {
+    AllReduce,
+    ReduceScatter,
+    AllGather,
+    Broadcast,
+    Barrier,
+}
+
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+impl Collective {
+    pub(crate) fn code(self) -> u64 {
+        match self {
+            Collective::AllReduce => 1,
+            Collective::ReduceScatter => 2,
+            Collective::AllGather => 3,
+            Collective::Broadcast => 4,
+            Collective::Barrier => 5,
+        }
+    }
+
+    fn from_code(code: u64) -> Option<Self> {
+        Some(match code {
+            1 => Collective::AllReduce,
+            2 => Collective::ReduceScatter,
+            3 => Collective::AllGather,
+            4 => Collective::Broadcast,
+            5 => Collective::Barrier,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for Collective {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Collective::AllReduce => "all_reduce",
+            Collective::ReduceScatter => "reduce_scatter",
+            Collective::AllGather => "all_gather",
+            Collective::Broadcast => "broadcast",
+            Collective::Barrier => "barrier",
+        })
+    }
+}
+
+/// What one rank asked for: exchanged (or shared) before any payload moves.
+///
+/// `len` is the full buffer length (for all_gather: the gathered length), `part` the length this
+/// rank passed in or out on its side of the shard layout (its shard for reduce_scatter output and
+/// all_gather input, `len` otherwise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Call {
+    pub seq: u64,
+    pub op: Collective,
+    pub dtype: Option<DType>,
+    pub reduce: Option<ReduceOp>,
+    pub len: usize,
+    pub part: usize,
+    pub root: usize,
+}
+
+#[cfg_attr(not(feature = "mpi"), allow(dead_code))]
+impl Call {
+    pub const WORDS: usize = 7;
+
+    pub fn encode(&self) -> [u64; Self::WORDS] {
+        [
+            self.seq,
+            self.op.code(),
+            self.dtype.map_or(0, DType::code),
+            self.reduce.map_or(0, ReduceOp::code),
+            self.len as u64,
+            self.part as u64,
+            self.root as u64,
+        ]
+    }
+
+    /// `None` for words that no rank of this crate writes.
+    pub fn decode(w: &[u64]) -> Option<Call> {
+        if w.len() != Self::WORDS {
+            return None;
+        }
+        Some(Call {
+            seq: w[0],
+            op: Collective::from_code(w[1])?,
+            dtype: if w[2] == 0 {
+                None
+            } else {
+                Some(DType::from_code(w[2])?)
+            },
+            reduce: if w[3] == 0 {
+                None
+            } else {
+                Some(ReduceOp::from_code(w[3])?)
+            },
+            len: usize::try_from(w[4]).ok()?,
+            part: usize::try_from(w[5]).ok()?,
+            root: usize::try_from(w[6]).ok()?,
+        })
+    }
+
+    /// Bytes of the full buffer.
+    pub fn bytes(&self) -> u64 {
+        (self.len * self.dtype.map_or(0, DType::size)) as u64
+    }
+}
+
+impl fmt::Display for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} #{}", self.op, self.seq)?;
+        if self.op == Collective::Barrier {
+            return Ok(());
+        }
+        write!(f, " (len {}", self.len)?;
+        if let Some(d) = self.dtype {
+            write!(f, ", {d}")?;
+        }
+        if let Some(r) = self.reduce {
+            write!(f, ", {r}")?;
+        }
+        match self.op {
+            Collective::AllGather => write!(f, ", shard {}", self.part)?,
+            Collective::Broadcast => write!(f, ", root {}", self.root)?,
+            _ => {}
+        }
+        f.write_str(")")
+    }
+}
+
+/// Checks that all ranks issued the same collective with consistent arguments.
+///
+/// Every rank runs this on the same headers and so reaches the same verdict; the error lists
+/// what each rank asked for.
+pub(crate) fn validate(calls: &[Call]) -> Result<(), DistError> {
+    let world = calls.len();
+    let Some(first) = calls.first() else {
+        return Ok(());
+    };
+    let same = calls.iter().all(|c| {
+        (c.seq, c.op, c.dtype, c.reduce, c.len, c.root)
+            == (
+                first.seq,
+                first.op,
+                first.dtype,
+                first.reduce,
+                first.len,
+                first.root,
+            )
+    });
+    if !same {
+        let list: Vec<String> = calls
+            .iter()
+            .enumerate()
+            .map(|(r, c)| format!("rank {r} called {c}"))
+            .collect();
+        return Err(DistError::Mismatch {
+            seq: first.seq,
+            detail: list.join(", "),
+        });
+    }
+    if first.op == Collective::Broadcast && first.root >= world {
+        return Err(DistError::Mismatch {
+            seq: first.seq,
+            detail: format!(
+                "broadcast root {} is not a rank of a world of {world}",
+                first.root
+            ),
+        });
+    }
+    if matches!(first.op, Collective::AllGather | Collective::ReduceScatter) {
+        let bad: Vec<String> = calls
+            .iter()
+            .enumerate()
+            .filter(|(r, c)| c.part != shard_of(c.len, *r, world).len)
+            .map(|(r, c)| {
+                format!(
+                    "rank {r} passed a shard of {} elements, its shard of {} is {} (shard_of)",
+                    c.part,
+                    c.len,
+                    shard_of(c.len, r, world).len
+                )
+            })
+            .collect();
+        if !bad.is_empty() {
+            return Err(DistError::Mismatch {
+                seq: first.seq,
+                detail: format!("{}: {}", first, bad.join(", ")),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(op: Collective, len: usize) -> Call {
+        Call {
+            seq: 3,
+            op,
+            dtype: Some(DType::F32),
+            reduce: None,
+            len,
+            part: len,
+            root: 0,
+        }
+    }
+
+    #[test]
+    fn header_round_trips_through_words() {
+        let c = Call {
+            reduce: Some(ReduceOp::Max),
+            dtype: Some(DType::BF16),
+            ..call(Collective::ReduceScatter, 17)
+        };
+        assert_eq!(Call::decode(&c.encode()), Some(c));
+    }
+
+    #[test]
+    fn mismatch_names_each_rank_and_its_call() {
+        let e = validate(&[
+            call(Collective::AllGather, 4),
+            call(Collective::ReduceScatter, 4),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rank 0 called all_gather #3"), "{e}");
+        assert!(e.contains("rank 1 called reduce_scatter #3"), "{e}");
+    }
+}
