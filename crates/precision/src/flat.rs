@@ -1,0 +1,140 @@
+//! Kernels over flat buffers: dtype casts and the fused unscale + inf/nan check.
+//!
+//! All of them are single passes without allocation. f16 uses `half`'s slice conversion (F16C on
+//! x86 when the CPU has it); bf16 uses a branchless round-to-nearest-even that the compiler
+//! vectorises (half's bf16 slice path is a scalar loop with branches).
+
+use half::{bf16, f16, slice::HalfFloatSliceExt};
+
+use crate::error::{Result, check_len};
+
+/// Elements per chunk of the fused unscale: small enough to stay in L1, large enough to vectorise.
+const CHUNK: usize = 4096;
+
+const EXP_MASK: u32 = 0x7F80_0000;
+
+/// Converts f32 to f16 (round to nearest, ties to even; overflow to ±inf; gradual underflow).
+///
+/// # Shapes
+/// `src` and `dst` have the same length.
+pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) -> Result<()> {
+    check_len("f16 destination", src.len(), dst.len())?;
+    dst.convert_from_f32_slice(src);
+    Ok(())
+}
+
+/// Converts f16 to f32 (exact).
+pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) -> Result<()> {
+    check_len("f32 destination", src.len(), dst.len())?;
+    src.convert_to_f32_slice(dst);
+    Ok(())
+}
+
+/// Converts f32 to bf16 (round to nearest, ties to even; NaN stays NaN), like torch's `.bfloat16()`.
+pub fn f32_to_bf16(src: &[f32], dst: &mut [bf16]) -> Result<()> {
+    check_len("bf16 destination", src.len(), dst.len())?;
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = bf16::from_bits(f32_to_bf16_bits(*s));
+    }
+    Ok(())
+}
+
+/// Converts bf16 to f32 (exact: a 16-bit shift).
+pub fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) -> Result<()> {
+    check_len("f32 destination", src.len(), dst.len())?;
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits((s.to_bits() as u32) << 16);
+    }
+    Ok(())
+}
+
+/// Branchless f32 -> bf16 bits with round to nearest even; a NaN keeps its sign and becomes quiet.
+#[inline(always)]
+fn f32_to_bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16;
+    let nan = (b >> 16) | 0x0040;
+    let is_nan = (b & 0x7FFF_FFFF) > EXP_MASK;
+    (if is_nan { nan } else { rounded }) as u16
+}
+
+/// Multiplies every element by `inv_scale` in place and says whether any element was inf or NaN
+/// before the multiply (torch's `_amp_foreach_non_finite_check_and_unscale_`).
+///
+/// Single pass, chunked, no allocation. The multiply happens even when a non-finite value is
+/// found, like torch; the caller skips the optimizer step then.
+pub fn unscale_and_check(buf: &mut [f32], inv_scale: f32) -> bool {
+    let mut bad = 0u32;
+    for chunk in buf.chunks_mut(CHUNK) {
+        let mut acc = 0u32;
+        for x in chunk.iter_mut() {
+            let v = *x;
+            acc |= u32::from((v.to_bits() & EXP_MASK) == EXP_MASK);
+            *x = v * inv_scale;
+        }
+        bad |= acc;
+    }
+    bad != 0
+}
+
+/// Says whether any element is inf or NaN.
+pub fn has_non_finite(buf: &[f32]) -> bool {
+    let mut bad = 0u32;
+    for chunk in buf.chunks(CHUNK) {
+        let mut acc = 0u32;
+        for x in chunk {
+            acc |= u32::from((x.to_bits() & EXP_MASK) == EXP_MASK);
+        }
+        bad |= acc;
+    }
+    bad != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_matches_half_on_special_values() {
+        let xs = [
+            0.0f32,
+            -0.0,
+            1.0,
+            1.00390625,
+            1.01171875,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-40,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            3.0e38,
+        ];
+        let mut ours = vec![bf16::ZERO; xs.len()];
+        f32_to_bf16(&xs, &mut ours).unwrap();
+        for (x, o) in xs.iter().zip(&ours) {
+            assert_eq!(o.to_bits(), bf16::from_f32(*x).to_bits(), "x = {x:e}");
+        }
+        let mut nan = [bf16::ZERO];
+        f32_to_bf16(&[f32::NAN], &mut nan).unwrap();
+        assert!(nan[0].is_nan());
+    }
+
+    #[test]
+    fn unscale_flags_inf_and_nan_and_still_multiplies() {
+        let mut v = vec![2.0f32; 10_000];
+        assert!(!unscale_and_check(&mut v, 0.5));
+        assert!(v.iter().all(|&x| x == 1.0));
+        v[9_999] = f32::NAN;
+        assert!(unscale_and_check(&mut v, 0.5));
+        v[9_999] = f32::NEG_INFINITY;
+        assert!(unscale_and_check(&mut v, 0.5));
+        assert!(has_non_finite(&v));
+        assert_eq!(v[0], 0.125);
+    }
+
+    #[test]
+    fn length_mismatch_is_an_error() {
+        let mut d = [f16::ZERO; 2];
+        assert!(f32_to_f16(&[1.0], &mut d).is_err());
+    }
+}
