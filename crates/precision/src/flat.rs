@@ -129,7 +129,7 @@ mod tests {
         v[9_999] = f32::NEG_INFINITY;
         assert!(unscale_and_check(&mut v, 0.5));
         assert!(has_non_finite(&v));
-        assert_eq!(v[0], 0.125);
+        assert_eq!(v[0], 0.25);
     }
 
     #[test]
