@@ -47,7 +47,7 @@ impl AdamWConfig {
                 });
             }
         }
-        if !(self.eps >= 0.0) {
+        if self.eps.is_nan() || self.eps < 0.0 {
             return Err(PrecisionError::Config {
                 field: "adamw.eps",
                 msg: format!("{} must be >= 0", self.eps),
