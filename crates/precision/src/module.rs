@@ -342,3 +342,34 @@ pub fn write_back<M: Module>(master: &MasterWeights, module: M, dtype: DType) ->
         None => Ok(module),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_scaler_is_on_exactly_for_f16_compute() {
+        assert_eq!(Policy::default(), Policy::bf16());
+        assert!(Policy::fp16().loss_scaler().is_some());
+        assert!(Policy::bf16().loss_scaler().is_none());
+        assert!(Policy::f32().loss_scaler().is_none());
+        assert!(!Policy::f32().has_master_weights());
+        let bad = Policy {
+            compute: DType::I32,
+            ..Policy::f32()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("policy.compute")
+        );
+    }
+
+    #[test]
+    fn policy_is_serde_data() {
+        let json = serde_json::to_string(&Policy::fp16()).unwrap();
+        let back: Policy = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, Policy::fp16());
+    }
+}
