@@ -1,8 +1,9 @@
 //! Kernels over flat buffers: dtype casts and the fused unscale + inf/nan check.
 //!
-//! All of them are single passes without allocation. f16 uses `half`'s slice conversion (F16C on
-//! x86 when the CPU has it); bf16 uses a branchless round-to-nearest-even that the compiler
-//! vectorises (half's bf16 slice path is a scalar loop with branches).
+//! All of them are single passes without allocation. On x86-64 with AVX2 (checked at run time)
+//! f16 uses F16C directly and bf16 / the unscale use the portable loops compiled for AVX2;
+//! elsewhere f16 falls back to `half`'s slice conversion and bf16 to a branchless
+//! round-to-nearest-even loop (half's bf16 slice path is a scalar loop with branches).
 
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 
@@ -19,6 +20,12 @@ const EXP_MASK: u32 = 0x7F80_0000;
 /// `src` and `dst` have the same length.
 pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) -> Result<()> {
     check_len("f16 destination", src.len(), dst.len())?;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: the CPU has AVX2 and F16C, checked just above.
+        unsafe { x86::f32_to_f16_f16c(src, dst) };
+        return Ok(());
+    }
     dst.convert_from_f32_slice(src);
     Ok(())
 }
@@ -115,11 +122,32 @@ pub fn has_non_finite(buf: &[f32]) -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use half::bf16;
+    use half::{bf16, f16};
 
     #[target_feature(enable = "avx2")]
     pub(super) fn f32_to_bf16_avx2(src: &[f32], dst: &mut [bf16]) {
         super::f32_to_bf16_loop(src, dst)
+    }
+
+    /// F16C in a tight loop: `half` converts 8 at a time too, but through a call per chunk,
+    /// which runs 2.7x slower than memcpy on a cache-resident buffer.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) fn f32_to_f16_f16c(src: &[f32], dst: &mut [f16]) {
+        use std::arch::x86_64::{__m128i, _mm_storeu_si128, _mm256_cvtps_ph, _mm256_loadu_ps};
+        let mut s = src.chunks_exact(8);
+        let mut d = dst.chunks_exact_mut(8);
+        for (s, d) in (&mut s).zip(&mut d) {
+            // SAFETY: `s` has 8 f32 (32 bytes) and `d` 8 f16 (16 bytes); both ops are unaligned.
+            unsafe {
+                let v = _mm256_loadu_ps(s.as_ptr());
+                // imm 0: round to nearest even, like torch's `.half()`.
+                let h = _mm256_cvtps_ph::<0>(v);
+                _mm_storeu_si128(d.as_mut_ptr().cast::<__m128i>(), h);
+            }
+        }
+        for (d, s) in d.into_remainder().iter_mut().zip(s.remainder()) {
+            *d = f16::from_f32(*s);
+        }
     }
 
     #[target_feature(enable = "avx2")]
@@ -186,6 +214,15 @@ mod tests {
             );
             assert!(
                 a.is_nan() || a.to_bits() == bf16::from_f32(*x).to_bits(),
+                "{x:e}"
+            );
+        }
+        let mut h = vec![f16::ZERO; xs.len()];
+        f32_to_f16(&xs, &mut h).unwrap();
+        for (x, h) in xs.iter().zip(&h) {
+            let want = f16::from_f32(*x);
+            assert!(
+                h.to_bits() == want.to_bits() || (h.is_nan() && want.is_nan()),
                 "{x:e}"
             );
         }
