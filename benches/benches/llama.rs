@@ -1,11 +1,47 @@
 //! One Llama training step (forward + backward + AdamW) on flex, at the size of
 //! `shared/reference/bench_torch_llama.py`: hidden 256, intermediate 688, 4 layers, 8 heads,
-//! vocab 4096, untied, batch 8 x 128 tokens, f32. Throughput is reported in tokens.
+//! vocab 4096, untied, batch 8 x 128 tokens. Throughput is reported in tokens.
+//!
+//! - `burn_adamw_f32`: plain f32 training with burn's AdamW, the figure to set next to PyTorch's.
+//! - `master_{f32,bf16,f16_scaler}`: kiln-precision's recipe (fp32 master weights and torch-exact
+//!   AdamW, compute in the given dtype, loss scaling for f16). A counting allocator measures each
+//!   mode's peak heap during one step; the table is printed at the end.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kiln_models::{Context, Llama, LlamaConfig, causal_lm_loss};
+use kiln_precision::{
+    ParamGroup, Policy, cast_module, collect_grads, master_weights_for, write_back,
+};
+
+/// Counts live heap bytes and their high-water mark.
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            let live = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
+            PEAK.fetch_max(live, Ordering::Relaxed);
+        }
+        ptr
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 const BATCH: usize = 8;
 const SEQ: usize = 128;
@@ -33,7 +69,7 @@ fn token_ids(config: &LlamaConfig, device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(ids, [BATCH, SEQ]), device)
 }
 
-fn training_step(c: &mut Criterion) {
+fn burn_adamw_f32(c: &mut Criterion) {
     let config = reference_config();
     let device = Device::flex().autodiff();
     let ids = token_ids(&config, &device);
@@ -48,7 +84,7 @@ fn training_step(c: &mut Criterion) {
     let mut group = c.benchmark_group("llama_train_step");
     group.sample_size(10);
     group.throughput(Throughput::Elements((BATCH * SEQ) as u64));
-    group.bench_function("f32_flex_h256_l4_v4096_b8x128", |b| {
+    group.bench_function("burn_adamw_f32", |b| {
         b.iter(|| {
             let m = model.take().expect("model");
             let loss = causal_lm_loss(m.forward(ids.clone(), &ctx), ids.clone());
@@ -59,5 +95,61 @@ fn training_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, training_step);
+fn master_weights(c: &mut Criterion) {
+    let config = reference_config();
+    let device = Device::flex().autodiff();
+    let ids = token_ids(&config, &device);
+    let mut table = vec![];
+    let mut group = c.benchmark_group("llama_train_step");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements((BATCH * SEQ) as u64));
+    for (name, policy) in [
+        ("master_f32", Policy::f32()),
+        ("master_bf16", Policy::bf16()),
+        ("master_f16_scaler", Policy::fp16()),
+    ] {
+        let init = Llama::random(&config, 0, &device, DType::F32).expect("model");
+        let groups = vec![ParamGroup {
+            lr: 1e-3,
+            weight_decay: 0.1,
+        }];
+        let mut master =
+            master_weights_for(&init, |_| 0, groups, Default::default()).expect("master");
+        let mut scaler = policy.loss_scaler();
+        let mut model = Some(cast_module(init, policy.compute));
+        let ctx =
+            Context::new(&config, BATCH, SEQ, None, &device, policy.compute).expect("context");
+        let mut step = || {
+            let m = model.take().expect("model");
+            let loss = causal_lm_loss(m.forward(ids.clone(), &ctx), ids.clone());
+            let loss = match &scaler {
+                Some(s) => s.scale_loss(loss),
+                None => loss,
+            };
+            let grads = collect_grads(&m, &loss.backward()).expect("grads");
+            master
+                .set_grads(grads.iter().map(|(p, g)| (p.as_str(), g)))
+                .expect("set grads");
+            drop(grads);
+            master.step(scaler.as_mut()).expect("step");
+            model = Some(write_back(&master, m, policy.compute).expect("write back"));
+        };
+        step();
+        let resident = LIVE.load(Ordering::Relaxed);
+        PEAK.store(resident, Ordering::Relaxed);
+        step();
+        let peak = PEAK.load(Ordering::Relaxed);
+        table.push((name, resident, peak));
+        group.bench_function(name, |b| b.iter(&mut step));
+    }
+    group.finish();
+    let mib = |b: usize| b as f64 / (1 << 20) as f64;
+    eprintln!("\n| mode | heap between steps (MiB) | peak heap during a step (MiB) |");
+    eprintln!("| --- | --- | --- |");
+    for (name, resident, peak) in table {
+        eprintln!("| {name} | {:.1} | {:.1} |", mib(resident), mib(peak));
+    }
+}
+
+criterion_group!(benches, burn_adamw_f32, master_weights);
 criterion_main!(benches);
