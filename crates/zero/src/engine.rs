@@ -131,7 +131,10 @@ impl<U: Units> Engine<U> {
         if config.policy.reduce != DType::F32 {
             return Err(ZeroError::Config {
                 field: "policy.reduce",
-                msg: format!("{:?}: gradients are reduced in f32 only", config.policy.reduce),
+                msg: format!(
+                    "{:?}: gradients are reduced in f32 only",
+                    config.policy.reduce
+                ),
             });
         }
         let n = units.num_units();
@@ -193,7 +196,7 @@ impl<U: Units> Engine<U> {
             param_bytes,
             grad_live: 0,
             grad_peak: 0,
-        model_bytes: 0,
+            model_bytes: 0,
         };
         engine.grad_live = engine.shard_grad_bytes();
         engine.grad_peak = engine.grad_live;
@@ -247,7 +250,11 @@ impl<U: Units> Engine<U> {
     }
 
     fn shard_grad_bytes(&self) -> u64 {
-        let bytes = self.state.iter().map(|s| s.master.grads().len()).sum::<usize>();
+        let bytes = self
+            .state
+            .iter()
+            .map(|s| s.master.grads().len())
+            .sum::<usize>();
         (bytes * std::mem::size_of::<f32>()) as u64
     }
 
@@ -321,7 +328,10 @@ impl<U: Units> Engine<U> {
         self.unit_done(n - 1, &grads, last)?;
         drop(grads);
         for u in (1..n - 1).rev() {
-            let input = inputs.pop().expect("one input per middle unit").require_grad();
+            let input = inputs
+                .pop()
+                .expect("one input per middle unit")
+                .require_grad();
             let out = self.units.forward(u, Some(input.clone()), batch);
             let grads = (out * upstream).sum().backward();
             upstream = input_grad(&input, &grads, u)?;

@@ -15,7 +15,13 @@ const STEPS: usize = 5;
 
 type RankOut = (Vec<f32>, HashMap<String, Vec<f32>>);
 
-fn run(world: usize, stage: Stage, micro: usize, clip: Option<f32>, policy: Policy) -> Vec<RankOut> {
+fn run(
+    world: usize,
+    stage: Stage,
+    micro: usize,
+    clip: Option<f32>,
+    policy: Policy,
+) -> Vec<RankOut> {
     let config = tiny();
     LocalWorld::run(world, |comm| {
         let zc = ZeroConfig {
@@ -59,7 +65,10 @@ fn check(out: &[RankOut], reference: &RankOut, what: &str) {
             worst = worst.max((g - w).abs() / w.abs().max(1e-2));
         }
     }
-    assert!(worst <= 1e-4, "{what}: parameters differ by {worst:e} (relative)");
+    assert!(
+        worst <= 1e-4,
+        "{what}: parameters differ by {worst:e} (relative)"
+    );
     eprintln!("{what}: worst parameter difference {worst:e} (relative)");
 }
 
@@ -86,7 +95,11 @@ fn gradient_accumulation_and_clipping_keep_the_equivalence() {
     for stage in [Stage::Ddp, Stage::One, Stage::Two] {
         for world in [1, 3, 4] {
             let out = run(world, stage, 2, clip, Policy::f32());
-            check(&out, &reference, &format!("{stage:?} N={world} accum 2 clip"));
+            check(
+                &out,
+                &reference,
+                &format!("{stage:?} N={world} accum 2 clip"),
+            );
         }
     }
 }

@@ -56,7 +56,8 @@ fn bf16_and_f16_under_stage_two_match_one_rank_of_the_same_policy() {
         for world in [2, 4] {
             let out = LocalWorld::run(world, |comm| {
                 let rank = comm.rank();
-                let mut engine = Engine::new(LlamaUnits::new(&cfg), comm, config(policy), |_| true)?;
+                let mut engine =
+                    Engine::new(LlamaUnits::new(&cfg), comm, config(policy), |_| true)?;
                 let mut losses = vec![];
                 for step in 0..STEPS {
                     let b = rank_batches(&cfg, step, rank, world, 1, policy.compute);
@@ -70,7 +71,10 @@ fn bf16_and_f16_under_stage_two_match_one_rank_of_the_same_policy() {
             for (losses, params) in &out {
                 assert_eq!(params, &out[0].1, "{name} N={world}: ranks differ");
                 for (s, (a, b)) in losses.iter().zip(&ref_losses).enumerate() {
-                    assert!(rel(*a, *b) <= loss_tol, "{name} N={world} step {s}: {a} vs {b}");
+                    assert!(
+                        rel(*a, *b) <= loss_tol,
+                        "{name} N={world} step {s}: {a} vs {b}"
+                    );
                 }
             }
             let err = update_error(&init, &out[0].1, &ref_params);
@@ -98,15 +102,20 @@ fn an_inf_on_one_rank_makes_every_rank_skip_the_step() {
             Ok::<_, ZeroError>((first.found_inf, after_skip, scale, second.found_inf))
         })
         .unwrap();
-        let compute = params_f32(&{
-            let mut u = LlamaUnits::new(&cfg);
-            u.model = kiln_precision::cast_module(u.model, policy.compute);
-            u
-        }
-        .model);
+        let compute = params_f32(
+            &{
+                let mut u = LlamaUnits::new(&cfg);
+                u.model = kiln_precision::cast_module(u.model, policy.compute);
+                u
+            }
+            .model,
+        );
         for (rank, (skipped, params, scale, second)) in out.iter().enumerate() {
             assert!(skipped, "{policy:?}: rank {rank} did not skip");
-            assert_eq!(params, &compute, "{policy:?}: rank {rank} changed its weights");
+            assert_eq!(
+                params, &compute,
+                "{policy:?}: rank {rank} changed its weights"
+            );
             if policy == Policy::fp16() {
                 assert_eq!(*scale, Some(32768.0), "rank {rank}: scale not halved");
             }

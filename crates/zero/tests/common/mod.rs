@@ -32,7 +32,9 @@ pub fn global_ids(config: &LlamaConfig, step: usize) -> Vec<i64> {
     let mut x = (step as u64 + 1) * 0x9E37_79B9;
     (0..ROWS * SEQ)
         .map(|_| {
-            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             ((x >> 33) % config.vocab_size as u64) as i64
         })
         .collect()
@@ -170,7 +172,8 @@ pub fn reference(
 ) -> (Vec<f32>, HashMap<String, Vec<f32>>) {
     let config = tiny();
     let model = Llama::random(&config, SEED, &device(), DType::F32).unwrap();
-    let mut master = master_weights_for(&model, |_| 0, vec![group], AdamWConfig::default()).unwrap();
+    let mut master =
+        master_weights_for(&model, |_| 0, vec![group], AdamWConfig::default()).unwrap();
     let mut model = cast_module(model, policy.compute);
     let mut scaler = policy.loss_scaler();
     let mut losses = vec![];
