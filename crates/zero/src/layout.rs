@@ -48,3 +48,37 @@ impl UnitLayout {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_are_equal_tile_the_padded_buffer_and_skip_frozen_params() {
+        let params = vec![
+            (
+                "a.weight".to_string(),
+                TensorData::new(vec![0f32; 6], [2, 3]),
+            ),
+            ("b.weight".to_string(), TensorData::new(vec![0f32; 4], [4])),
+            ("c.weight".to_string(), TensorData::new(vec![0f32; 1], [1])),
+        ];
+        let trainable = |p: &str| p != "b.weight";
+        for world in 1..=4 {
+            let mut next = 0;
+            for rank in 0..world {
+                let l = UnitLayout::new(&params, &trainable, rank, world, true).unwrap();
+                assert_eq!(l.flat.numel(), 7);
+                assert_eq!(l.padded % world, 0);
+                assert!(l.padded - l.flat.numel() < world);
+                assert_eq!(l.shard.offset, next);
+                assert_eq!(l.shard.len, l.padded / world);
+                assert!(l.flat.get("b.weight").is_none());
+                assert_eq!(l.flat.get("c.weight").unwrap().offset, 6);
+                next += l.shard.len;
+            }
+            let ddp = UnitLayout::new(&params, &trainable, 0, world, false).unwrap();
+            assert_eq!((ddp.padded, ddp.shard.len), (7, 7));
+        }
+    }
+}

@@ -14,6 +14,18 @@
 //! Each unit's trainable parameters form one flat buffer ([`UnitLayout`]), padded to a multiple
 //! of N; rank r owns `[r·S, (r+1)·S)`. [`estimate`] gives the per-rank model-state memory of
 //! every stage (stage 3 included) from the formula; [`Engine::memory`] measures it.
+//!
+//! Choices worth knowing:
+//! - Each rank's loss is the *sum* over its tokens divided by the global token count (all-reduced
+//!   before backward), and gradients are reduced with `Sum`: N ranks on slices of a batch, with or
+//!   without micro-batches, train like one rank on the whole batch.
+//! - Gradients are accumulated and reduced in f32 (`policy.reduce`); parameters are all-gathered
+//!   in the compute dtype, so with bf16 one step moves `(4 + 2)·Ψ·(N-1)/N` bytes under stages
+//!   1-2 and `2·4·Ψ·(N-1)/N` under DDP.
+//! - Gradient accumulation sends nothing before the last micro-batch; until then stage 2 keeps
+//!   a full f32 accumulator per unit (like stage 1). With one micro-batch, stage 2 holds at most
+//!   one unit's full gradient at a time.
+//! - The inf/NaN flag is MAX-reduced over ranks every step, so all ranks skip together.
 
 mod engine;
 mod error;
