@@ -1,1 +1,40 @@
+//! kiln-zero: data parallelism over a model run as a stack of units.
+//!
+//! [`Engine`] runs any model that implements [`Units`] (embedding, blocks, head + loss): forward
+//! unit by unit with detached boundaries, backward in reverse feeding each unit its upstream
+//! gradient, and hands each unit's gradients to the communicator as soon as they exist. The
+//! [`Stage`] picks, in one place, what every rank keeps:
+//!
+//! | stage | gradients | master + AdamW | per step |
+//! | --- | --- | --- | --- |
+//! | [`Stage::Ddp`] | full, f32 | full | all-reduce per unit |
+//! | [`Stage::One`] | full until the end of backward, then a shard | shard | reduce-scatter, all-gather |
+//! | [`Stage::Two`] | one unit at a time, then a shard | shard | reduce-scatter per unit, all-gather |
+//!
+//! Each unit's trainable parameters form one flat buffer ([`UnitLayout`]), padded to a multiple
+//! of N; rank r owns `[r·S, (r+1)·S)`. [`estimate`] gives the per-rank model-state memory of
+//! every stage (stage 3 included) from the formula; [`Engine::memory`] measures it.
+//!
+//! Choices worth knowing:
+//! - Each rank's loss is the *sum* over its tokens divided by the global token count (all-reduced
+//!   before backward), and gradients are reduced with `Sum`: N ranks on slices of a batch, with or
+//!   without micro-batches, train like one rank on the whole batch.
+//! - Gradients are accumulated and reduced in f32 (`policy.reduce`); parameters are all-gathered
+//!   in the compute dtype, so with bf16 one step moves `(4 + 2)·Ψ·(N-1)/N` bytes under stages
+//!   1-2 and `2·4·Ψ·(N-1)/N` under DDP.
+//! - Gradient accumulation sends nothing before the last micro-batch; until then stage 2 keeps
+//!   a full f32 accumulator per unit (like stage 1). With one micro-batch, stage 2 holds at most
+//!   one unit's full gradient at a time.
+//! - The inf/NaN flag is MAX-reduced over ranks every step, so all ranks skip together.
 
+mod engine;
+mod error;
+mod estimate;
+mod layout;
+mod units;
+
+pub use engine::{Engine, MemoryReport, Stage, StepReport, ZeroConfig};
+pub use error::{Result, ZeroError};
+pub use estimate::{Estimate, estimate};
+pub use layout::UnitLayout;
+pub use units::{Units, load_params, named_grads, named_params};

@@ -1,0 +1,161 @@
+//! Step time of the reference Llama (hidden 256, intermediate 688, 4 layers, 8 heads, vocab 4096,
+//! global batch 8x128, bf16 compute, fp32 master + AdamW) under DDP, ZeRO-1 and ZeRO-2 on 1, 2
+//! and 4 thread ranks, with the model-state bytes each rank holds and its traffic per step.
+//!
+//! `cargo bench --profile dev -p kiln-benches --bench zero` prints the table (2 timed steps per
+//! row); `KILN_ZERO_CRITERION=1` adds criterion samples (about 75 s per row on 2 cores). Thread ranks share the machine's
+//! cores, so N ranks do not run N times faster here; the table shows the engine's overhead
+//! and the memory/traffic trade of each stage.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use burn::tensor::{DType, Device, Gradients, Int, Tensor, TensorData};
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use kiln_dist::LocalWorld;
+use kiln_models::{Context, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, unit_of};
+use kiln_precision::Policy;
+use kiln_zero::{
+    Engine, Result, Stage, Units, ZeroConfig, ZeroError, load_params, named_grads, named_params,
+};
+
+const BATCH: usize = 8;
+const SEQ: usize = 128;
+
+fn config() -> LlamaConfig {
+    LlamaConfig::from_json(
+        r#"{"vocab_size": 4096, "hidden_size": 256, "intermediate_size": 688,
+            "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 8,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0}"#,
+    )
+    .unwrap()
+}
+
+struct Batch {
+    ids: Tensor<2, Int>,
+    ctx: Context,
+    rows: usize,
+}
+
+struct LlamaUnits(Llama);
+
+impl LlamaUnits {
+    fn id(&self, unit: usize) -> UnitId {
+        match unit {
+            0 => UnitId::Embed,
+            u if u <= self.0.model.layers.len() => UnitId::Block(u - 1),
+            _ => UnitId::Head,
+        }
+    }
+}
+
+impl Units for LlamaUnits {
+    type Batch = Batch;
+    fn num_units(&self) -> usize {
+        self.0.model.layers.len() + 2
+    }
+    fn unit_params(&self, unit: usize) -> Result<Vec<(String, TensorData)>> {
+        let id = self.id(unit);
+        Ok(named_params(&self.0)?
+            .into_iter()
+            .filter(|(p, _)| unit_of(p) == Some(id))
+            .collect())
+    }
+    fn set_unit_params(&mut self, _: usize, values: Vec<(String, TensorData)>) -> Result<()> {
+        let map: HashMap<String, TensorData> = values.into_iter().collect();
+        self.0 = load_params(self.0.clone(), &map)?;
+        Ok(())
+    }
+    fn forward(&self, unit: usize, input: Option<Tensor<3>>, b: &Batch) -> Tensor<3> {
+        match (self.id(unit), input) {
+            (UnitId::Block(i), Some(h)) => self.0.model.layers[i].forward(h, &b.ctx),
+            _ => self.0.embed(b.ids.clone()),
+        }
+    }
+    fn loss_sum(&self, input: Tensor<3>, b: &Batch) -> Tensor<1> {
+        causal_lm_loss_sum(self.0.head(input), b.ids.clone()).0
+    }
+    fn tokens(&self, b: &Batch) -> usize {
+        b.rows * (SEQ - 1)
+    }
+    fn unit_grads(&self, _: usize, grads: &Gradients) -> Result<Vec<(String, TensorData)>> {
+        named_grads(&self.0, grads)
+    }
+}
+
+/// Per-rank step time (max over ranks), rank 0's model-state bytes and traffic per step.
+fn run(stage: Stage, world: usize, iters: u64) -> (Duration, u64, u64) {
+    let cfg = config();
+    let policy = Policy::bf16();
+    let out = LocalWorld::run(world, |comm| {
+        let device = Device::flex().autodiff();
+        let rank = comm.rank();
+        let rows = BATCH / world;
+        let ids: Vec<i64> = (0..rows * SEQ)
+            .map(|i| ((i * 31 + rank * 7 + 3) % cfg.vocab_size) as i64)
+            .collect();
+        let batch = Batch {
+            ids: Tensor::from_data(TensorData::new(ids, [rows, SEQ]), &device),
+            ctx: Context::new(&cfg, rows, SEQ, None, &device, policy.compute)
+                .map_err(|e| ZeroError::Model(e.to_string()))?,
+            rows,
+        };
+        let model = Llama::random(&cfg, 1, &device, DType::F32)
+            .map_err(|e| ZeroError::Model(e.to_string()))?;
+        let zc = ZeroConfig {
+            stage,
+            policy,
+            ..Default::default()
+        };
+        let mut engine = Engine::new(LlamaUnits(model), comm, zc, |_| true)?;
+        let bytes = engine.step(std::slice::from_ref(&batch))?.model_bytes_sent;
+        let t = Instant::now();
+        for _ in 0..iters {
+            engine.step(std::slice::from_ref(&batch))?;
+        }
+        Ok::<_, ZeroError>((t.elapsed(), engine.memory().total(), bytes))
+    })
+    .unwrap();
+    let time = out.iter().map(|o| o.0).max().unwrap();
+    (time, out[0].1, out[0].2)
+}
+
+/// Timed steps per table row (after one warm-up step). A step takes seconds on a 2-core CPU,
+/// so the table is the result; criterion samples only run with `KILN_ZERO_CRITERION=1`.
+const STEPS: u64 = 2;
+
+fn zero(c: &mut Criterion) {
+    println!("\n| stage | N | step | model state / rank | traffic / step / rank |");
+    println!("| --- | --- | --- | --- | --- |");
+    for stage in [Stage::Ddp, Stage::One, Stage::Two] {
+        for world in [1, 2, 4] {
+            let (t, mem, traffic) = run(stage, world, STEPS);
+            println!(
+                "| {stage:?} | {world} | {:.0} ms | {:.1} MB | {:.1} MB |",
+                t.as_secs_f64() * 1e3 / STEPS as f64,
+                mem as f64 / 1e6,
+                traffic as f64 / 1e6
+            );
+        }
+    }
+    if std::env::var_os("KILN_ZERO_CRITERION").is_none() {
+        return;
+    }
+    let mut g = c.benchmark_group("zero/llama-h256-l4-b8x128");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_millis(1))
+        .measurement_time(Duration::from_secs(1));
+    for stage in [Stage::Ddp, Stage::One, Stage::Two] {
+        for world in [1, 2, 4] {
+            g.bench_with_input(
+                BenchmarkId::new(format!("{stage:?}"), world),
+                &world,
+                |b, &w| b.iter_custom(|iters| run(stage, w, iters).0),
+            );
+        }
+    }
+    g.finish();
+}
+
+criterion_group!(benches, zero);
+criterion_main!(benches);

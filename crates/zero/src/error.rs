@@ -1,0 +1,21 @@
+//! Errors of the engine: every failure is a value naming the stage, unit or rank.
+
+use thiserror::Error;
+
+/// What went wrong in kiln-zero.
+#[derive(Debug, Error)]
+pub enum ZeroError {
+    #[error("communication failed: {0}")]
+    Dist(#[from] kiln_dist::DistError),
+    #[error("precision: {0}")]
+    Precision(#[from] kiln_precision::PrecisionError),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("{0} is not implemented yet")]
+    NotImplemented(&'static str),
+    #[error("config field `{field}`: {msg}")]
+    Config { field: &'static str, msg: String },
+}
+
+/// Result of kiln-zero.
+pub type Result<T> = std::result::Result<T, ZeroError>;

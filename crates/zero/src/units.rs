@@ -1,0 +1,109 @@
+//! The seam between the engine and a model: a stack of units, parameters by HF path.
+
+use std::collections::HashMap;
+
+use burn::module::{Module, ModuleMapper, Param};
+use burn::tensor::{Gradients, Tensor, TensorData};
+
+use crate::error::{Result, ZeroError};
+
+/// A model seen as a stack of units: unit 0 reads the batch, units `1..n-1` map hidden states to
+/// hidden states, and the last unit (final norm + head + loss) returns the loss *sum*.
+///
+/// The engine never looks inside a unit; it only needs each unit's parameters by HF path, a way
+/// to replace them, and the gradients of one unit after a backward pass.
+pub trait Units {
+    /// This rank's input for one micro-batch (token ids, labels, masks, ...).
+    type Batch;
+
+    /// Number of units, at least 2 (the first unit and the loss unit).
+    fn num_units(&self) -> usize;
+
+    /// Every float parameter of `unit`, by HF path, in a fixed order (the same on every rank).
+    fn unit_params(&self, unit: usize) -> Result<Vec<(String, TensorData)>>;
+
+    /// Replaces parameters of `unit` by path; the data's dtype is the new compute dtype.
+    fn set_unit_params(&mut self, unit: usize, values: Vec<(String, TensorData)>) -> Result<()>;
+
+    /// Forward of `unit` in `0..num_units() - 1`; `input` is `None` for unit 0.
+    ///
+    /// # Shapes
+    /// `input: [batch, seq, hidden]` -> `[batch, seq, hidden]`
+    fn forward(&self, unit: usize, input: Option<Tensor<3>>, batch: &Self::Batch) -> Tensor<3>;
+
+    /// The last unit: the sum of the token losses (not the mean, so ranks can normalise by the
+    /// global token count).
+    ///
+    /// # Shapes
+    /// `input: [batch, seq, hidden]` -> `[1]` in f32
+    fn loss_sum(&self, input: Tensor<3>, batch: &Self::Batch) -> Tensor<1>;
+
+    /// Number of tokens that count in the loss of `batch`.
+    fn tokens(&self, batch: &Self::Batch) -> usize;
+
+    /// Gradients of `unit`'s parameters present in `grads`, by path (compute dtype).
+    fn unit_grads(&self, unit: usize, grads: &Gradients) -> Result<Vec<(String, TensorData)>>;
+}
+
+/// Every float parameter of `module`, by path, with its values (a helper for [`Units`] adapters).
+pub fn named_params<M: Module>(module: &M) -> Result<Vec<(String, TensorData)>> {
+    Ok(kiln_precision::collect_params(module)?
+        .into_iter()
+        .map(|p| (p.path, p.data))
+        .collect())
+}
+
+/// Gradients of every float parameter of `module` present in `grads`, by path.
+pub fn named_grads<M: Module>(module: &M, grads: &Gradients) -> Result<Vec<(String, TensorData)>> {
+    Ok(kiln_precision::collect_grads(module, grads)?)
+}
+
+/// Replaces the parameters of `module` named in `values` (dtype taken from the data); gradient
+/// tracking and parameter ids are kept, other parameters are left alone.
+pub fn load_params<M: Module>(module: M, values: &HashMap<String, TensorData>) -> Result<M> {
+    struct L<'a> {
+        values: &'a HashMap<String, TensorData>,
+        path: Vec<String>,
+        err: Option<ZeroError>,
+    }
+    impl ModuleMapper for L<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let path = self.path.join(".");
+            let Some(data) = self.values.get(&path) else {
+                return param;
+            };
+            if param.shape().as_slice() != data.shape().as_slice() {
+                self.err.get_or_insert(ZeroError::Model(format!(
+                    "{path}: shape {:?} does not match the parameter's {:?}",
+                    data.shape().as_slice(),
+                    param.shape().as_slice()
+                )));
+                return param;
+            }
+            param.map(|old| {
+                let t = Tensor::<D>::from_data(data.clone(), (&old.device(), data.dtype()));
+                if old.is_require_grad() {
+                    t.require_grad()
+                } else {
+                    t
+                }
+            })
+        }
+    }
+    let mut l = L {
+        values,
+        path: vec![],
+        err: None,
+    };
+    let module = module.map(&mut l);
+    match l.err {
+        Some(e) => Err(e),
+        None => Ok(module),
+    }
+}

@@ -1,0 +1,218 @@
+#![allow(dead_code)]
+//! A Llama adapter for the engine, a tiny config, data, and the single-rank reference trainer.
+
+use std::collections::HashMap;
+
+use burn::tensor::{DType, Device, Gradients, Int, Tensor, TensorData};
+use kiln_models::{Context, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, unit_of};
+use kiln_precision::{
+    AdamWConfig, ParamGroup, Policy, cast_module, collect_grads, master_weights_for, write_back,
+};
+use kiln_zero::{Result, Units, ZeroError, load_params, named_grads, named_params};
+
+pub fn tiny() -> LlamaConfig {
+    LlamaConfig::from_json(
+        r#"{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0}"#,
+    )
+    .unwrap()
+}
+
+pub const SEQ: usize = 8;
+pub const ROWS: usize = 12;
+pub const SEED: u64 = 7;
+
+pub fn device() -> Device {
+    Device::flex().autodiff()
+}
+
+/// Global batch of `step`: `ROWS x SEQ` token ids, different every step.
+pub fn global_ids(config: &LlamaConfig, step: usize) -> Vec<i64> {
+    let mut x = (step as u64 + 1) * 0x9E37_79B9;
+    (0..ROWS * SEQ)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((x >> 33) % config.vocab_size as u64) as i64
+        })
+        .collect()
+}
+
+/// One micro-batch on one rank.
+pub struct Batch {
+    pub ids: Tensor<2, Int>,
+    pub ctx: Context,
+    pub rows: usize,
+}
+
+pub fn batch(config: &LlamaConfig, ids: &[i64], dtype: DType) -> Batch {
+    let device = device();
+    let rows = ids.len() / SEQ;
+    Batch {
+        ids: Tensor::from_data(TensorData::new(ids.to_vec(), [rows, SEQ]), &device),
+        ctx: Context::new(config, rows, SEQ, None, &device, dtype).unwrap(),
+        rows,
+    }
+}
+
+/// Rows `[lo, hi)` of the global batch of `step`, cut into `micro` micro-batches (uneven ok).
+pub fn rank_batches(
+    config: &LlamaConfig,
+    step: usize,
+    rank: usize,
+    world: usize,
+    micro: usize,
+    dtype: DType,
+) -> Vec<Batch> {
+    let ids = global_ids(config, step);
+    let (lo, hi) = (rank * ROWS / world, (rank + 1) * ROWS / world);
+    let rows = hi - lo;
+    (0..micro)
+        .map(|m| (lo + m * rows / micro, lo + (m + 1) * rows / micro))
+        .filter(|(a, b)| b > a)
+        .map(|(a, b)| batch(config, &ids[a * SEQ..b * SEQ], dtype))
+        .collect()
+}
+
+/// The Llama as a stack of units: embedding, each block, final norm + head + loss.
+pub struct LlamaUnits {
+    pub model: Llama,
+    /// Put an inf into the head's gradient (fault injection).
+    pub poison: bool,
+}
+
+impl LlamaUnits {
+    pub fn new(config: &LlamaConfig) -> Self {
+        let model = Llama::random(config, SEED, &device(), DType::F32).unwrap();
+        Self {
+            model,
+            poison: false,
+        }
+    }
+
+    fn id(&self, unit: usize) -> UnitId {
+        match unit {
+            0 => UnitId::Embed,
+            u if u <= self.model.model.layers.len() => UnitId::Block(u - 1),
+            _ => UnitId::Head,
+        }
+    }
+}
+
+impl Units for LlamaUnits {
+    type Batch = Batch;
+
+    fn num_units(&self) -> usize {
+        self.model.model.layers.len() + 2
+    }
+
+    fn unit_params(&self, unit: usize) -> Result<Vec<(String, TensorData)>> {
+        let id = self.id(unit);
+        Ok(named_params(&self.model)?
+            .into_iter()
+            .filter(|(p, _)| unit_of(p) == Some(id))
+            .collect())
+    }
+
+    fn set_unit_params(&mut self, _unit: usize, values: Vec<(String, TensorData)>) -> Result<()> {
+        let map: HashMap<String, TensorData> = values.into_iter().collect();
+        self.model = load_params(self.model.clone(), &map)?;
+        Ok(())
+    }
+
+    fn forward(&self, unit: usize, input: Option<Tensor<3>>, batch: &Batch) -> Tensor<3> {
+        match (self.id(unit), input) {
+            (UnitId::Embed, _) => self.model.embed(batch.ids.clone()),
+            (UnitId::Block(i), Some(h)) => self.model.model.layers[i].forward(h, &batch.ctx),
+            (id, input) => panic!("unit {id:?} called with input {:?}", input.is_some()),
+        }
+    }
+
+    fn loss_sum(&self, input: Tensor<3>, batch: &Batch) -> Tensor<1> {
+        causal_lm_loss_sum(self.model.head(input), batch.ids.clone()).0
+    }
+
+    fn tokens(&self, batch: &Batch) -> usize {
+        batch.rows * (SEQ - 1)
+    }
+
+    fn unit_grads(&self, unit: usize, grads: &Gradients) -> Result<Vec<(String, TensorData)>> {
+        let mut g = named_grads(&self.model, grads)?;
+        if self.poison && self.id(unit) == UnitId::Head {
+            let (_, d) = g
+                .iter_mut()
+                .find(|(p, _)| p == "lm_head.weight")
+                .ok_or_else(|| ZeroError::Model("no lm_head grad".into()))?;
+            let mut v: Vec<f32> = d.iter::<f32>().collect();
+            v[0] = f32::INFINITY;
+            *d = TensorData::new(v, d.shape().to_vec()).convert_dtype(d.dtype());
+        }
+        Ok(g)
+    }
+}
+
+/// Parameters of a model as f32 vectors by path.
+pub fn params_f32(model: &Llama) -> HashMap<String, Vec<f32>> {
+    named_params(model)
+        .unwrap()
+        .into_iter()
+        .map(|(p, d)| (p, d.iter::<f32>().collect()))
+        .collect()
+}
+
+/// Whole-model single-rank training on the whole batch: the plain precision recipe.
+/// Returns the loss curve and the final parameters.
+pub fn reference(
+    policy: Policy,
+    steps: usize,
+    max_grad_norm: Option<f32>,
+    group: ParamGroup,
+) -> (Vec<f32>, HashMap<String, Vec<f32>>) {
+    let config = tiny();
+    let model = Llama::random(&config, SEED, &device(), DType::F32).unwrap();
+    let mut master =
+        master_weights_for(&model, |_| 0, vec![group], AdamWConfig::default()).unwrap();
+    let mut model = cast_module(model, policy.compute);
+    let mut scaler = policy.loss_scaler();
+    let mut losses = vec![];
+    for step in 0..steps {
+        let b = batch(&config, &global_ids(&config, step), policy.compute);
+        let (sum, count) = causal_lm_loss_sum(model.forward(b.ids.clone(), &b.ctx), b.ids.clone());
+        let loss = sum / count;
+        losses.push(loss.clone().into_data().iter::<f32>().next().unwrap());
+        let scaled = match &scaler {
+            Some(s) => s.scale_loss(loss),
+            None => loss,
+        };
+        let grads = collect_grads(&model, &scaled.backward()).unwrap();
+        master
+            .set_grads(grads.iter().map(|(p, g)| (p.as_str(), g)))
+            .unwrap();
+        let inv = scaler.as_ref().map_or(1.0, |s| s.inv_scale());
+        let found = master.unscale_grads(inv);
+        if let (Some(max), false) = (max_grad_norm, found) {
+            let norm = master
+                .grads()
+                .iter()
+                .map(|&g| f64::from(g) * f64::from(g))
+                .sum::<f64>()
+                .sqrt() as f32;
+            let coef = max / (norm + 1e-6);
+            if coef < 1.0 {
+                master.grads_mut().iter_mut().for_each(|g| *g *= coef);
+            }
+        }
+        master.apply(found).unwrap();
+        if let Some(s) = &mut scaler {
+            s.update(found);
+        }
+        model = write_back(&master, model, policy.compute).unwrap();
+    }
+    (losses, params_f32(&model))
+}
+
+pub fn rel(a: f32, b: f32) -> f32 {
+    (a - b).abs() / b.abs().max(1e-12)
+}
