@@ -2,11 +2,13 @@
 //! scaler + fp32 master weights, follow f32 training's loss curve from the same init and data;
 //! pure f16 (weights stored in f16, no scaler) visibly degrades.
 
+mod common;
+
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
+use common::{Mode, max_rel_dev, reload_from_model};
 use kiln_models::{Context, Llama, LlamaConfig, causal_lm_loss};
 use kiln_precision::{
-    AdamWConfig, MasterWeights, ParamGroup, Policy, cast_module, collect_grads, collect_params,
-    master_weights_for, write_back,
+    AdamWConfig, ParamGroup, Policy, cast_module, collect_grads, master_weights_for, write_back,
 };
 
 const STEPS: usize = 50;
@@ -36,14 +38,6 @@ fn batch(config: &LlamaConfig, device: &Device) -> Tensor<2, Int> {
     Tensor::from_data(TensorData::new(ids, [BATCH, SEQ]), device)
 }
 
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Mode {
-    F32,
-    Bf16Master,
-    F16MasterScaler,
-    F16Pure,
-}
-
 fn train(init: &Llama, config: &LlamaConfig, mode: Mode) -> Vec<f32> {
     let device = Device::flex().autodiff();
     let policy = match mode {
@@ -71,7 +65,7 @@ fn train(init: &Llama, config: &LlamaConfig, mode: Mode) -> Vec<f32> {
     let mut master = master_weights_for(init, group_of, groups, AdamWConfig::default()).unwrap();
     let mut model = cast_module(init.clone(), policy.compute);
     if mode == Mode::F16Pure {
-        reload(&mut master, &model);
+        reload_from_model(&mut master, &model);
     }
     let ids = batch(config, &device);
     let ctx = Context::new(config, BATCH, SEQ, None, &device, policy.compute).unwrap();
@@ -90,24 +84,10 @@ fn train(init: &Llama, config: &LlamaConfig, mode: Mode) -> Vec<f32> {
         master.step(scaler.as_mut()).unwrap();
         model = write_back(&master, model, policy.compute).unwrap();
         if mode == Mode::F16Pure {
-            reload(&mut master, &model);
+            reload_from_model(&mut master, &model);
         }
     }
     losses
-}
-
-/// Without master weights, the weights are whatever the f16 model holds after each update.
-fn reload(master: &mut MasterWeights, model: &Llama) {
-    for p in collect_params(model).unwrap() {
-        master.load_param_data(&p.path, &p.data).unwrap();
-    }
-}
-
-fn max_rel_dev(a: &[f32], reference: &[f32]) -> f32 {
-    a.iter()
-        .zip(reference)
-        .map(|(a, r)| (a - r).abs() / r.abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -2,11 +2,14 @@
 //! weights and f16 compute + loss scaler + fp32 master weights both track f32 training's loss
 //! curve from the same init and data; pure f16 (weights stored in f16, no scaler) degrades.
 
+mod common;
+
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
 use burn::tensor::{DType, Device, Tensor, TensorData};
+use common::{Mode, max_rel_dev, reload_from_model};
 use kiln_precision::{
-    AdamWConfig, MasterWeights, ParamGroup, Policy, cast_module, collect_grads, collect_params,
+    AdamWConfig, ParamGroup, Policy, cast_module, collect_grads, collect_params,
     master_weights_for, param_paths, write_back,
 };
 
@@ -65,16 +68,6 @@ fn data(device: &Device) -> (Tensor<2>, Tensor<2>) {
     );
     let y = x.clone().matmul(a).sin();
     (x, y)
-}
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Mode {
-    F32,
-    Bf16Master,
-    F16MasterScaler,
-    /// Weights live in f16 and every update is rounded into them; no loss scaling. (The AdamW
-    /// moments are still f32, which is kinder than true pure f16.)
-    F16Pure,
 }
 
 fn train(init: &Mlp, mode: Mode) -> Vec<f32> {
@@ -141,20 +134,6 @@ fn train(init: &Mlp, mode: Mode) -> Vec<f32> {
         assert!(s.scale() >= 1.0);
     }
     losses
-}
-
-fn reload_from_model(master: &mut MasterWeights, model: &Mlp) {
-    for p in collect_params(model).unwrap() {
-        master.load_param_data(&p.path, &p.data).unwrap();
-    }
-}
-
-/// Largest |a - b| / ref over the curve.
-fn max_rel_dev(a: &[f32], reference: &[f32]) -> f32 {
-    a.iter()
-        .zip(reference)
-        .map(|(a, r)| (a - r).abs() / r.abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -76,3 +76,32 @@ pub fn st_u16(st: &safetensors::SafeTensors<'_>, name: &str) -> Vec<u16> {
         .map(|b| u16::from_le_bytes([b[0], b[1]]))
         .collect()
 }
+
+/// What a training comparison runs: f32, the two mixed-precision recipes, and pure f16.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Mode {
+    F32,
+    Bf16Master,
+    F16MasterScaler,
+    /// Weights live in f16 and every update is rounded into them; no loss scaling. (The AdamW
+    /// moments are still f32, which is kinder than true pure f16.)
+    F16Pure,
+}
+
+/// Without master weights, the weights are whatever the f16 model holds after each update.
+pub fn reload_from_model<M: burn::module::Module>(
+    master: &mut kiln_precision::MasterWeights,
+    model: &M,
+) {
+    for p in kiln_precision::collect_params(model).unwrap() {
+        master.load_param_data(&p.path, &p.data).unwrap();
+    }
+}
+
+/// Largest |a - b| / ref over a loss curve.
+pub fn max_rel_dev(a: &[f32], reference: &[f32]) -> f32 {
+    a.iter()
+        .zip(reference)
+        .map(|(a, r)| (a - r).abs() / r.abs())
+        .fold(0.0, f32::max)
+}
