@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# kiln-zero on Open MPI: stage Two with ranks as processes must equal the same run on thread ranks.
+# Installs nothing (Open MPI comes from .ci/run). Exits non-zero on any failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build -p kiln-zero --features mpi --example mpi_zero
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+for np in 2 3; do
+    echo "== mpi_zero, $np ranks"
+    if ! timeout 600 mpirun --allow-run-as-root --oversubscribe -np "$np" target/debug/examples/mpi_zero >"$log" 2>&1; then
+        cat "$log"
+        echo "FAIL: mpi_zero on $np ranks"
+        exit 1
+    fi
+    cat "$log"
+    passed=$(grep -c "stage Two matches" "$log" || true)
+    if [ "$passed" -ne "$np" ]; then
+        echo "FAIL: $passed of $np ranks reported a match"
+        exit 1
+    fi
+done
+echo "mpi-zero: 2 passed, 0 failed"
