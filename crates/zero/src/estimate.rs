@@ -51,3 +51,106 @@ pub fn estimate(psi: f64, frozen: f64, n: usize, stage: Stage, k: f64) -> Estima
         },
     }
 }
+
+/// Formats the per-rank model-state memory of every stage as a table (GB = 1e9 bytes), the
+/// output of `kiln estimate`.
+pub fn estimate_table(psi: f64, frozen: f64, n: usize, k: f64) -> String {
+    let gb = |b: f64| b / 1e9;
+    let mut out = format!(
+        "Ψ = {:.3e} trainable + {:.3e} frozen parameters, N = {n}, K = {k}\n\
+         | stage | params GB | grads GB | master + optimizer GB | total GB |\n\
+         | --- | --- | --- | --- | --- |\n",
+        psi, frozen
+    );
+    for (name, stage) in [
+        ("0 (DDP)", Stage::Ddp),
+        ("1", Stage::One),
+        ("2", Stage::Two),
+        ("3 (FSDP)", Stage::Three),
+    ] {
+        let e = estimate(psi, frozen, n, stage, k);
+        out += &format!(
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            gb(e.params),
+            gb(e.grads),
+            gb(e.optimizer),
+            gb(e.total())
+        );
+    }
+    out
+}
+
+/// The dimensions that set a decoder's activation memory for one rank's micro-batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ActivationShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub layers: usize,
+    pub vocab: usize,
+    /// Bytes per activation element in the compute dtype (2 for bf16/f16).
+    pub bytes: usize,
+}
+
+/// Bytes of activations a Llama-style decoder keeps for backward, counted tensor by tensor from
+/// what its forward saves (t = batch·seq tokens, d = head dim, e = bytes per element):
+///
+/// - per layer, in the compute dtype: the two RMSNorm inputs (2·t·h), the normed input of the q/k/v
+///   and gate/up projections (2·t·h), the rotated q and k and the v heads (t·(h + 2·kv·d)), the
+///   o_proj input (t·h), the MLP's gate, up, silu(gate) and product (4·t·i); plus the attention
+///   probabilities b·a·s², kept once in the compute dtype and once in f32 for the softmax;
+/// - the head: the final norm's input (t·h), the logits (t·V·e) and their f32 log-softmax (t·V·4).
+///
+/// With `recompute` (one unit re-run during backward), only each block's input is kept, plus one
+/// block's full set at a time.
+pub fn activation_bytes(s: &ActivationShape, recompute: bool) -> f64 {
+    let t = (s.batch * s.seq) as f64;
+    let (h, i, e) = (s.hidden as f64, s.intermediate as f64, s.bytes as f64);
+    let kv = (s.kv_heads * (s.hidden / s.heads.max(1))) as f64;
+    let probs = (s.batch * s.heads * s.seq * s.seq) as f64 * (e + 4.0);
+    let layer = t * (6.0 * h + 2.0 * kv + 4.0 * i) * e + probs;
+    let head = t * h * e + t * s.vocab as f64 * (e + 4.0);
+    let blocks = if recompute {
+        s.layers as f64 * t * h * e + layer
+    } else {
+        s.layers as f64 * layer
+    };
+    blocks + head
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_prints_the_seed_figures() {
+        let table = estimate_table(7.5e9, 0.0, 64, 12.0);
+        for total in ["| 120.0 |", "| 31.4 |", "| 16.6 |", "| 1.9 |"] {
+            assert!(table.contains(total), "{total} missing from\n{table}");
+        }
+    }
+
+    #[test]
+    fn activation_bytes_count_every_saved_tensor() {
+        let s = ActivationShape {
+            batch: 1,
+            seq: 2,
+            hidden: 4,
+            intermediate: 8,
+            heads: 2,
+            kv_heads: 1,
+            layers: 3,
+            vocab: 10,
+            bytes: 2,
+        };
+        // t = 2, kv·d = 2: layer = 2·(24 + 4 + 32)·2 + 1·2·2·2·6 = 240 + 48; head = 16 + 2·10·6.
+        let layer = 240.0 + 48.0;
+        let head = 16.0 + 120.0;
+        assert_eq!(activation_bytes(&s, false), 3.0 * layer + head);
+        assert_eq!(activation_bytes(&s, true), 3.0 * 16.0 + layer + head);
+        assert!(activation_bytes(&s, true) < activation_bytes(&s, false));
+    }
+}

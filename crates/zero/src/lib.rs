@@ -35,6 +35,6 @@ mod units;
 
 pub use engine::{Engine, MemoryReport, Stage, StepReport, ZeroConfig};
 pub use error::{Result, ZeroError};
-pub use estimate::{Estimate, estimate};
+pub use estimate::{ActivationShape, Estimate, activation_bytes, estimate, estimate_table};
 pub use layout::UnitLayout;
 pub use units::{Units, load_params, named_grads, named_params};
