@@ -98,9 +98,9 @@ impl LlamaConfig {
             source,
         })?;
         Self::from_json(&text).map_err(|e| match e {
-            ModelError::Input(reason) => ModelError::Json {
+            ModelError::Input(reason) => ModelError::Parse {
                 path: path.into(),
-                source: serde_json::Error::io(std::io::Error::other(reason)),
+                reason,
             },
             other => other,
         })

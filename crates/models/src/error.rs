@@ -15,6 +15,8 @@ pub enum ModelError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{path}: {reason}")]
+    Parse { path: PathBuf, reason: String },
     #[error("config field `{field}`: {reason}")]
     Config { field: &'static str, reason: String },
     #[error("{path}: not a valid safetensors file: {reason}")]
