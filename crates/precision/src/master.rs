@@ -309,30 +309,18 @@ impl MasterWeights {
 
     /// Loads a parameter's full values from burn data of any float dtype.
     pub fn load_param_data(&mut self, path: &str, data: &TensorData) -> Result<()> {
-        let e = self.entry(path)?.clone();
-        check_numel(&e, data.num_elements())?;
-        if let Some(local) = intersect(e.range(), self.shard) {
-            let src = local.start + self.shard.offset - e.offset;
-            convert_into(
-                path,
-                data,
-                src..src + local.len(),
-                &mut self.params[local],
-                false,
-            )?;
-        }
-        Ok(())
+        self.put(path, data, Buffer::Params, false)
     }
 
     /// Sets a parameter's gradient from burn data in the compute dtype (f16, bf16 or f32),
     /// converted to f32; only the part inside the shard is kept.
     pub fn set_grad(&mut self, path: &str, grad: &TensorData) -> Result<()> {
-        self.put_grad(path, grad, false)
+        self.put(path, grad, Buffer::Grads, false)
     }
 
     /// Adds to a parameter's gradient (gradient accumulation over micro-batches).
     pub fn add_grad(&mut self, path: &str, grad: &TensorData) -> Result<()> {
-        self.put_grad(path, grad, true)
+        self.put(path, grad, Buffer::Grads, true)
     }
 
     /// Sets the gradients of many parameters; every path must be in the layout.
@@ -346,18 +334,18 @@ impl MasterWeights {
         Ok(())
     }
 
-    fn put_grad(&mut self, path: &str, grad: &TensorData, add: bool) -> Result<()> {
+    /// Converts `data` (a whole parameter, any float dtype) to f32 and writes or adds the part
+    /// inside this shard into the parameter or gradient buffer.
+    fn put(&mut self, path: &str, data: &TensorData, buffer: Buffer, add: bool) -> Result<()> {
         let e = self.entry(path)?.clone();
-        check_numel(&e, grad.num_elements())?;
+        check_numel(&e, data.num_elements())?;
         if let Some(local) = intersect(e.range(), self.shard) {
             let src = local.start + self.shard.offset - e.offset;
-            convert_into(
-                path,
-                grad,
-                src..src + local.len(),
-                &mut self.grads[local],
-                add,
-            )?;
+            let target = match buffer {
+                Buffer::Params => &mut self.params,
+                Buffer::Grads => &mut self.grads,
+            };
+            convert_into(path, data, src..src + local.len(), &mut target[local], add)?;
         }
         Ok(())
     }
@@ -555,6 +543,13 @@ fn convert_into(
         }
     }
     Ok(())
+}
+
+/// Which of a shard's f32 buffers a write goes to.
+#[derive(Clone, Copy)]
+enum Buffer {
+    Params,
+    Grads,
 }
 
 #[cfg(test)]
