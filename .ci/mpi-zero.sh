@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# kiln-zero on Open MPI: stage Two with ranks as processes must equal the same run on thread ranks.
+# kiln-zero on Open MPI: stages Two and Three with ranks as processes must equal the same run on thread ranks.
 # Installs nothing (Open MPI comes from .ci/run). Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,9 +15,9 @@ for np in 2 3; do
         exit 1
     fi
     cat "$log"
-    passed=$(grep -c "stage Two matches" "$log" || true)
-    if [ "$passed" -ne "$np" ]; then
-        echo "FAIL: $passed of $np ranks reported a match"
+    passed=$(grep -c "matches $np thread ranks" "$log" || true)
+    if [ "$passed" -ne $((2 * np)) ]; then
+        echo "FAIL: $passed of $((2 * np)) rank runs (stages Two and Three) reported a match"
         exit 1
     fi
 done

@@ -1,5 +1,5 @@
 //! Step time of the reference Llama (hidden 256, intermediate 688, 4 layers, 8 heads, vocab 4096,
-//! global batch 8x128, bf16 compute, fp32 master + AdamW) under DDP, ZeRO-1 and ZeRO-2 on 1, 2
+//! global batch 8x128, bf16 compute, fp32 master + AdamW) under DDP and ZeRO-1, 2, 3 on 1, 2
 //! and 4 thread ranks, with the model-state bytes each rank holds and its traffic per step.
 //!
 //! `cargo bench --profile dev -p kiln-benches --bench zero` prints the table (2 timed steps per
@@ -17,6 +17,7 @@ use kiln_models::{Context, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, unit_
 use kiln_precision::Policy;
 use kiln_zero::{
     Engine, Result, Stage, Units, ZeroConfig, ZeroError, load_params, named_grads, named_params,
+    release_params,
 };
 
 const BATCH: usize = 8;
@@ -64,6 +65,11 @@ impl Units for LlamaUnits {
     fn set_unit_params(&mut self, _: usize, values: Vec<(String, TensorData)>) -> Result<()> {
         let map: HashMap<String, TensorData> = values.into_iter().collect();
         self.0 = load_params(self.0.clone(), &map)?;
+        Ok(())
+    }
+    fn release_unit(&mut self, unit: usize) -> Result<()> {
+        let id = self.id(unit);
+        self.0 = release_params(self.0.clone(), &|p| unit_of(p) == Some(id));
         Ok(())
     }
     fn forward(&self, unit: usize, input: Option<Tensor<3>>, b: &Batch) -> Tensor<3> {
@@ -127,7 +133,7 @@ const STEPS: u64 = 2;
 fn zero(c: &mut Criterion) {
     println!("\n| stage | N | step | model state / rank | traffic / step / rank |");
     println!("| --- | --- | --- | --- | --- |");
-    for stage in [Stage::Ddp, Stage::One, Stage::Two] {
+    for stage in [Stage::Ddp, Stage::One, Stage::Two, Stage::Three] {
         for world in [1, 2, 4] {
             let (t, mem, traffic) = run(stage, world, STEPS);
             println!(
@@ -145,7 +151,7 @@ fn zero(c: &mut Criterion) {
     g.sample_size(10)
         .warm_up_time(Duration::from_millis(1))
         .measurement_time(Duration::from_secs(1));
-    for stage in [Stage::Ddp, Stage::One, Stage::Two] {
+    for stage in [Stage::Ddp, Stage::One, Stage::Two, Stage::Three] {
         for world in [1, 2, 4] {
             g.bench_with_input(
                 BenchmarkId::new(format!("{stage:?}"), world),

@@ -1,4 +1,4 @@
-//! ZeRO stage Two with ranks as processes: under `mpirun -np N`, each process trains its slice of
+//! ZeRO stages Two and Three with ranks as processes: under `mpirun -np N`, each process trains its slice of
 //! the global batch over the MPI communicator, then replays the same run with N thread ranks and
 //! checks that its losses and parameters match. Run by `.ci/mpi-zero.sh`.
 
@@ -16,12 +16,12 @@ const STEPS: usize = 5;
 
 type RankOut = (Vec<f32>, HashMap<String, Vec<f32>>);
 
-fn train(comm: Communicator) -> kiln_zero::Result<RankOut> {
+fn train(comm: Communicator, stage: Stage) -> kiln_zero::Result<(RankOut, Communicator)> {
     let config = tiny();
     let (rank, world) = (comm.rank(), comm.world_size());
     let policy = Policy::f32();
     let zc = ZeroConfig {
-        stage: Stage::Two,
+        stage,
         policy,
         group: ParamGroup {
             lr: 1e-2,
@@ -35,32 +35,40 @@ fn train(comm: Communicator) -> kiln_zero::Result<RankOut> {
         let batches = rank_batches(&config, step, rank, world, 1, policy.compute);
         losses.push(engine.step(&batches)?.loss);
     }
-    Ok((losses, params_f32(&engine.units().model)))
+    let params = full_params_f32(&mut engine)?;
+    Ok(((losses, params), engine.into_parts().1))
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let comm = Communicator::mpi()?;
     let (rank, world) = (comm.rank(), comm.world_size());
-    let (losses, params) = train(comm)?;
-    let threads = LocalWorld::run(world, train)?;
-    let (want_losses, want_params) = &threads[rank];
-    let mut worst = 0.0f32;
-    for (a, b) in losses.iter().zip(want_losses) {
-        worst = worst.max((a - b).abs() / b.abs());
-    }
-    for (path, want) in want_params {
-        let got = params
-            .get(path)
-            .ok_or(format!("rank {rank}: no parameter {path}"))?;
-        for (g, w) in got.iter().zip(want) {
-            worst = worst.max((g - w).abs() / w.abs().max(1e-2));
+    let mut comm = comm;
+    for stage in [Stage::Two, Stage::Three] {
+        let ((losses, params), back) = train(comm, stage)?;
+        comm = back;
+        let threads = LocalWorld::run(world, |c| train(c, stage).map(|r| r.0))?;
+        let (want_losses, want_params) = &threads[rank];
+        let mut worst = 0.0f32;
+        for (a, b) in losses.iter().zip(want_losses) {
+            worst = worst.max((a - b).abs() / b.abs());
         }
+        for (path, want) in want_params {
+            let got = params
+                .get(path)
+                .ok_or(format!("rank {rank}: no parameter {path}"))?;
+            for (g, w) in got.iter().zip(want) {
+                worst = worst.max((g - w).abs() / w.abs().max(1e-2));
+            }
+        }
+        if worst > 1e-5 {
+            return Err(format!(
+                "rank {rank}/{world}: {stage:?}: MPI and thread runs differ by {worst:e}"
+            )
+            .into());
+        }
+        println!(
+            "kiln-zero mpi: rank {rank}/{world} stage {stage:?} matches {world} thread ranks (worst relative difference {worst:e}); losses {losses:?}"
+        );
     }
-    if worst > 1e-5 {
-        return Err(format!("rank {rank}/{world}: MPI and thread runs differ by {worst:e}").into());
-    }
-    println!(
-        "kiln-zero mpi: rank {rank}/{world} stage Two matches {world} thread ranks (worst relative difference {worst:e}); losses {losses:?}"
-    );
     Ok(())
 }

@@ -2,12 +2,12 @@
 //! a unit's backward is done, the optimizer step on this rank's shard, parameters back.
 
 use burn::tensor::{DType, Gradients, Tensor, TensorData};
-use half::{bf16, f16};
 use kiln_dist::{Communicator, ReduceOp};
 use kiln_precision::{AdamWConfig, DynamicLossScaler, MasterWeights, ParamGroup, Policy};
 
 use crate::error::{Result, ZeroError};
 use crate::layout::UnitLayout;
+use crate::shard::ShardBuf;
 use crate::units::Units;
 
 /// What each rank keeps (DESIGN.md, ZeRO).
@@ -19,7 +19,8 @@ pub enum Stage {
     One,
     /// Stage 2: gradients sharded too, reduce-scattered unit by unit during backward.
     Two,
-    /// Stage 3 (FSDP): parameters sharded too. Not implemented yet.
+    /// Stage 3 (FSDP): parameters sharded too; each unit is all-gathered just before its
+    /// forward and again for its backward, and released right after.
     Three,
 }
 
@@ -27,6 +28,11 @@ impl Stage {
     /// Whether master weights and optimizer state are sharded.
     pub fn shards_optimizer(self) -> bool {
         !matches!(self, Stage::Ddp)
+    }
+
+    /// Whether the compute copy of the parameters is sharded (stage 3).
+    pub fn shards_params(self) -> bool {
+        matches!(self, Stage::Three)
     }
 }
 
@@ -82,11 +88,13 @@ pub struct MemoryReport {
     pub master: u64,
     /// AdamW moments.
     pub optimizer: u64,
+    /// Stage 3: peak bytes of whole (all-gathered) unit parameters alive at once.
+    pub gathered_peak: u64,
 }
 
 impl MemoryReport {
     pub fn total(&self) -> u64 {
-        self.params + self.grads_peak + self.master + self.optimizer
+        self.params + self.grads_peak + self.master + self.optimizer + self.gathered_peak
     }
 }
 
@@ -97,6 +105,16 @@ struct UnitState {
     /// Full-length f32 gradient accumulator (One: whole backward; Two: only across micro-batches
     /// and for the unit being reduced).
     accum: Option<Vec<f32>>,
+    /// Frozen parameters (no master, no gradient), laid out like the trainable ones; sharded
+    /// under stage 3 only.
+    frozen: UnitLayout,
+    /// Stage 3: this rank's shard of the frozen parameters in the compute dtype. Trainable ones
+    /// need no compute shard: their fp32 master shard is cast to the compute dtype just before
+    /// each all-gather (as FSDP does), which saves 2Ψ/N bytes and makes stage 3 hold exactly
+    /// (4 + K)Ψ/N with f32 gradients, the formula's 16Ψ/N.
+    frozen_shard: Option<ShardBuf>,
+    /// Bytes of the unit's whole parameters in the compute dtype (what a gather materialises).
+    whole_bytes: u64,
 }
 
 /// Data-parallel training of a [`Units`] model on one rank.
@@ -109,6 +127,8 @@ pub struct Engine<U: Units> {
     param_bytes: u64,
     grad_live: u64,
     grad_peak: u64,
+    gathered_live: u64,
+    gathered_peak: u64,
     model_bytes: u64,
 }
 
@@ -121,11 +141,6 @@ impl<U: Units> Engine<U> {
         config: ZeroConfig,
         trainable: impl Fn(&str) -> bool,
     ) -> Result<Self> {
-        if config.stage == Stage::Three {
-            return Err(ZeroError::NotImplemented(
-                "ZeRO stage 3 (parameter sharding with per-unit all-gather)",
-            ));
-        }
         config.policy.validate()?;
         config.adamw.validate()?;
         if config.policy.reduce != DType::F32 {
@@ -171,20 +186,45 @@ impl<U: Units> Engine<U> {
                 vec![config.group],
                 config.adamw,
             )?;
-            let mut cast = Vec::with_capacity(params.len());
-            for (p, d) in params {
-                if layout.flat.get(&p).is_some() {
-                    master.load_param_data(&p, &d)?;
+            let frozen = UnitLayout::new(
+                &params,
+                &|p: &str| !trainable(p),
+                rank,
+                world,
+                config.stage.shards_params(),
+            )?;
+            for (p, d) in &params {
+                if layout.flat.get(p).is_some() {
+                    master.load_param_data(p, d)?;
                 }
-                let d = d.convert_dtype(compute);
-                param_bytes += d.as_bytes().len() as u64;
-                cast.push((p, d));
             }
-            units.set_unit_params(u, cast)?;
+            let whole_bytes = ((layout.flat.numel() + frozen.flat.numel()) * compute.size()) as u64;
+            let frozen_shard = if config.stage.shards_params() {
+                let mut base = ShardBuf::zeros(compute, frozen.shard.len)?;
+                base.fill(&frozen.flat, frozen.shard, &params)?;
+                drop(params);
+                param_bytes += base.bytes();
+                units.release_unit(u)?;
+                Some(base)
+            } else {
+                let cast: Vec<_> = params
+                    .into_iter()
+                    .map(|(p, d)| (p, d.convert_dtype(compute)))
+                    .collect();
+                param_bytes += cast
+                    .iter()
+                    .map(|(_, d)| d.as_bytes().len() as u64)
+                    .sum::<u64>();
+                units.set_unit_params(u, cast)?;
+                None
+            };
             state.push(UnitState {
                 layout,
                 master,
                 accum: None,
+                frozen,
+                frozen_shard,
+                whole_bytes,
             });
         }
         let mut engine = Self {
@@ -196,6 +236,8 @@ impl<U: Units> Engine<U> {
             param_bytes,
             grad_live: 0,
             grad_peak: 0,
+            gathered_live: 0,
+            gathered_peak: 0,
             model_bytes: 0,
         };
         engine.grad_live = engine.shard_grad_bytes();
@@ -211,6 +253,12 @@ impl<U: Units> Engine<U> {
     /// The model, mutably (e.g. to inject a fault in a test).
     pub fn units_mut(&mut self) -> &mut U {
         &mut self.units
+    }
+
+    /// Takes the engine apart: the model (released units stay released under stage 3) and the
+    /// communicator, e.g. to run another engine over the same ranks.
+    pub fn into_parts(self) -> (U, Communicator) {
+        (self.units, self.comm)
     }
 
     /// This rank's communicator.
@@ -239,6 +287,7 @@ impl<U: Units> Engine<U> {
         let mut m = MemoryReport {
             params: self.param_bytes,
             grads_peak: self.grad_peak,
+            gathered_peak: self.gathered_peak,
             ..Default::default()
         };
         for s in &self.state {
@@ -247,6 +296,66 @@ impl<U: Units> Engine<U> {
             m.optimizer += (opt.exp_avg.len() + opt.exp_avg_sq.len()) as u64 * f;
         }
         m
+    }
+
+    /// Every parameter of the model, whole, by path: trainable ones from the fp32 master (f32),
+    /// frozen ones as the model computes with them (compute dtype). A collective under stages
+    /// 1-3 (all-gathers the shards): every rank must call it.
+    pub fn full_params(&mut self) -> Result<Vec<(String, TensorData)>> {
+        let mut out = Vec::new();
+        for u in 0..self.state.len() {
+            let s = &self.state[u];
+            if !s.layout.flat.entries().is_empty() {
+                if self.config.stage.shards_optimizer() {
+                    let mut shard = ShardBuf::zeros(DType::F32, s.layout.shard.len)?;
+                    shard.cast_from_master(&s.master)?;
+                    out.extend(shard.gather(&self.comm, &s.layout.flat, s.layout.padded)?);
+                } else {
+                    for e in s.layout.flat.entries() {
+                        out.push((e.path.clone(), s.master.param_data(&e.path, DType::F32)?));
+                    }
+                }
+            }
+            match &s.frozen_shard {
+                Some(base) => {
+                    if !s.frozen.flat.entries().is_empty() {
+                        out.extend(base.gather(&self.comm, &s.frozen.flat, s.frozen.padded)?);
+                    }
+                }
+                None => out.extend(
+                    self.units
+                        .unit_params(u)?
+                        .into_iter()
+                        .filter(|(p, _)| s.frozen.flat.get(p).is_some()),
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Loss sum and token count of `batches` over all ranks, forward only (stage 3 gathers and
+    /// releases unit by unit as in training). A collective: every rank must call it.
+    pub fn evaluate(&mut self, batches: &[U::Batch]) -> Result<(f64, u64)> {
+        let n = self.units.num_units();
+        let mut local = [0.0f64, 0.0];
+        for batch in batches {
+            self.fetch(0)?;
+            let mut h = self.units.forward(0, None, batch).detach();
+            self.release(0)?;
+            for u in 1..n - 1 {
+                self.fetch(u)?;
+                h = self.units.forward(u, Some(h), batch).detach();
+                self.release(u)?;
+            }
+            self.fetch(n - 1)?;
+            let loss = scalar(self.units.loss_sum(h, batch))?;
+            self.release(n - 1)?;
+            local[0] += f64::from(loss);
+            local[1] += self.units.tokens(batch) as f64;
+        }
+        let mut sums = [local[0] as f32, local[1] as f32];
+        self.comm.all_reduce(&mut sums, ReduceOp::Sum)?;
+        Ok((f64::from(sums[0]), sums[1] as u64))
     }
 
     fn shard_grad_bytes(&self) -> u64 {
@@ -271,6 +380,7 @@ impl<U: Units> Engine<U> {
         self.model_bytes = 0;
         self.grad_live = self.shard_grad_bytes();
         self.grad_peak = self.grad_live;
+        self.gathered_peak = self.gathered_live;
         let local: usize = micro_batches.iter().map(|b| self.units.tokens(b)).sum();
         let mut tokens = [local as i64];
         self.comm.all_reduce(&mut tokens, ReduceOp::Sum)?;
@@ -297,7 +407,7 @@ impl<U: Units> Engine<U> {
         self.comm.all_reduce(&mut loss, ReduceOp::Sum)?;
         let (found_inf, grad_norm) = self.update()?;
         if !found_inf {
-            self.gather_params()?;
+            self.refresh_params()?;
         }
         Ok(StepReport {
             loss: loss[0] / tokens as f32,
@@ -310,42 +420,90 @@ impl<U: Units> Engine<U> {
     }
 
     /// Forward unit by unit keeping only the detached input of each unit, then backward in
-    /// reverse, recomputing each unit and feeding it its upstream gradient. Returns the local
-    /// loss sum.
+    /// reverse, recomputing each unit and feeding it its upstream gradient. Under stage 3 each
+    /// unit is gathered before it runs and released right after, in both passes (the loss unit
+    /// is gathered once for its forward and backward). Returns the local loss sum.
     fn forward_backward(&mut self, batch: &U::Batch, factor: f32, last: bool) -> Result<f32> {
         let n = self.units.num_units();
         let mut inputs = Vec::with_capacity(n - 2);
+        self.fetch(0)?;
         let mut h = self.units.forward(0, None, batch).detach();
+        self.release(0)?;
         for u in 1..n - 1 {
             inputs.push(h.clone());
+            self.fetch(u)?;
             h = self.units.forward(u, Some(h), batch).detach();
+            self.release(u)?;
         }
         let h_in = h.require_grad();
+        self.fetch(n - 1)?;
         let loss = self.units.loss_sum(h_in.clone(), batch);
         let loss_value = scalar(loss.clone())?;
         let grads = loss.mul_scalar(factor).backward();
         let mut upstream = input_grad(&h_in, &grads, n - 1)?;
-        self.unit_done(n - 1, &grads, last)?;
+        let unit_grads = self.units.unit_grads(n - 1, &grads)?;
         drop(grads);
-        for u in (1..n - 1).rev() {
-            let input = inputs
-                .pop()
-                .expect("one input per middle unit")
-                .require_grad();
-            let out = self.units.forward(u, Some(input.clone()), batch);
-            let grads = (out * upstream).sum().backward();
-            upstream = input_grad(&input, &grads, u)?;
-            self.unit_done(u, &grads, last)?;
+        self.release(n - 1)?;
+        self.unit_done(n - 1, unit_grads, last)?;
+        for u in (0..n - 1).rev() {
+            self.fetch(u)?;
+            let grads = if u == 0 {
+                let out = self.units.forward(0, None, batch);
+                (out * upstream.clone()).sum().backward()
+            } else {
+                let input = inputs
+                    .pop()
+                    .expect("one input per middle unit")
+                    .require_grad();
+                let out = self.units.forward(u, Some(input.clone()), batch);
+                let grads = (out * upstream.clone()).sum().backward();
+                upstream = input_grad(&input, &grads, u)?;
+                grads
+            };
+            let unit_grads = self.units.unit_grads(u, &grads)?;
+            drop(grads);
+            self.release(u)?;
+            self.unit_done(u, unit_grads, last)?;
         }
-        let out = self.units.forward(0, None, batch);
-        let grads = (out * upstream).sum().backward();
-        self.unit_done(0, &grads, last)?;
         Ok(loss_value)
     }
 
+    /// Stage 3: all-gathers `unit`'s parameters (trainable and frozen) into the model.
+    fn fetch(&mut self, unit: usize) -> Result<()> {
+        let s = &self.state[unit];
+        let Some(base) = &s.frozen_shard else {
+            return Ok(());
+        };
+        let before = self.comm.traffic().total().bytes_sent;
+        let mut values = Vec::new();
+        if !s.layout.flat.entries().is_empty() {
+            values.extend(gather(&self.comm, s, self.config.policy.compute)?);
+        }
+        if !s.frozen.flat.entries().is_empty() {
+            values.extend(base.gather(&self.comm, &s.frozen.flat, s.frozen.padded)?);
+        }
+        self.model_bytes += self.comm.traffic().total().bytes_sent - before;
+        self.gathered_live += s.whole_bytes;
+        self.gathered_peak = self.gathered_peak.max(self.gathered_live);
+        self.units.set_unit_params(unit, values)
+    }
+
+    /// Stage 3: drops `unit`'s whole parameters again.
+    fn release(&mut self, unit: usize) -> Result<()> {
+        if self.state[unit].frozen_shard.is_none() {
+            return Ok(());
+        }
+        self.gathered_live -= self.state[unit].whole_bytes;
+        self.units.release_unit(unit)
+    }
+
     /// A unit's backward is done: its gradients go where the stage says, at once.
-    fn unit_done(&mut self, unit: usize, grads: &Gradients, last: bool) -> Result<()> {
-        let unit_grads = self.units.unit_grads(unit, grads)?;
+    fn unit_done(
+        &mut self,
+        unit: usize,
+        unit_grads: Vec<(String, TensorData)>,
+        last: bool,
+    ) -> Result<()> {
         let s = &mut self.state[unit];
         match self.config.stage {
             Stage::Ddp => {
@@ -375,7 +533,27 @@ impl<U: Units> Engine<U> {
                     self.reduce_scatter_unit(unit)?;
                 }
             }
-            Stage::Three => return Err(ZeroError::NotImplemented("ZeRO stage 3")),
+            Stage::Three => {
+                // Every micro-batch's unit gradient is reduce-scattered at once and added to
+                // the owned shard: no full-size gradient outlives the unit's backward.
+                if s.layout.padded == 0 {
+                    return Ok(());
+                }
+                let bytes = (s.layout.padded * std::mem::size_of::<f32>()) as u64;
+                self.grad_live += bytes;
+                self.grad_peak = self.grad_peak.max(self.grad_live);
+                let mut full = vec![0.0; s.layout.padded];
+                add_into(&mut full, &s.layout, &unit_grads)?;
+                drop(unit_grads);
+                let before = self.comm.traffic().total().bytes_sent;
+                let part = self.comm.reduce_scatter(&full, ReduceOp::Sum)?;
+                self.model_bytes += self.comm.traffic().total().bytes_sent - before;
+                drop(full);
+                self.grad_live -= bytes;
+                for (g, v) in s.master.grads_mut().iter_mut().zip(part) {
+                    *g += v;
+                }
+            }
         }
         Ok(())
     }
@@ -434,9 +612,13 @@ impl<U: Units> Engine<U> {
         Ok((found_inf, grad_norm))
     }
 
-    /// Puts the updated parameters into the compute model, in the compute dtype: straight from
-    /// the full master under DDP, by an all-gather of the shards otherwise.
-    fn gather_params(&mut self) -> Result<()> {
+    /// Puts the updated parameters where the model computes from: the compute-dtype shards
+    /// under stage 3, the whole compute model otherwise (straight from the full master under
+    /// DDP, by an all-gather of the shards under stages 1-2).
+    fn refresh_params(&mut self) -> Result<()> {
+        if self.config.stage.shards_params() {
+            return Ok(());
+        }
         let dtype = self.config.policy.compute;
         for u in 0..self.state.len() {
             let s = &self.state[u];
@@ -464,38 +646,9 @@ impl<U: Units> Engine<U> {
 
 /// All-gathers a unit's master shard in the compute dtype and cuts it into parameters.
 fn gather(comm: &Communicator, s: &UnitState, dtype: DType) -> Result<Vec<(String, TensorData)>> {
-    let len = s.layout.shard.len;
-    Ok(match dtype {
-        DType::F32 => split(&comm.all_gather(s.master.params(), s.layout.padded)?, s),
-        DType::BF16 => {
-            let mut shard = vec![bf16::ZERO; len];
-            s.master.cast_shard_bf16(&mut shard)?;
-            split(&comm.all_gather(&shard, s.layout.padded)?, s)
-        }
-        DType::F16 => {
-            let mut shard = vec![f16::ZERO; len];
-            s.master.cast_shard_f16(&mut shard)?;
-            split(&comm.all_gather(&shard, s.layout.padded)?, s)
-        }
-        other => {
-            return Err(ZeroError::Config {
-                field: "policy.compute",
-                msg: format!("{other:?} is not a float compute dtype"),
-            });
-        }
-    })
-}
-
-fn split<E: burn::tensor::Element>(full: &[E], s: &UnitState) -> Vec<(String, TensorData)> {
-    s.layout
-        .flat
-        .entries()
-        .iter()
-        .map(|e| {
-            let data = TensorData::new(full[e.range()].to_vec(), e.shape.clone());
-            (e.path.clone(), data)
-        })
-        .collect()
+    let mut shard = ShardBuf::zeros(dtype, s.layout.shard.len)?;
+    shard.cast_from_master(&s.master)?;
+    shard.gather(comm, &s.layout.flat, s.layout.padded)
 }
 
 /// Adds compute-dtype gradients into a unit's f32 flat accumulator; frozen ones are ignored.

@@ -10,6 +10,11 @@
 //! | [`Stage::Ddp`] | full, f32 | full | all-reduce per unit |
 //! | [`Stage::One`] | full until the end of backward, then a shard | shard | reduce-scatter, all-gather |
 //! | [`Stage::Two`] | one unit at a time, then a shard | shard | reduce-scatter per unit, all-gather |
+//! | [`Stage::Three`] | one unit at a time, then a shard | shard | all-gather per unit (forward), again (backward), reduce-scatter per unit |
+//!
+//! Under stage 3 the compute copy of the parameters is sharded too (trainable and frozen alike):
+//! a unit's whole parameters exist only from the all-gather just before it runs to the end of
+//! its forward, and again for its recompute + backward. The loss unit is gathered once for both.
 //!
 //! Each unit's trainable parameters form one flat buffer ([`UnitLayout`]), padded to a multiple
 //! of N; rank r owns `[r·S, (r+1)·S)`. [`estimate`] gives the per-rank model-state memory of
@@ -31,10 +36,11 @@ mod engine;
 mod error;
 mod estimate;
 mod layout;
+mod shard;
 mod units;
 
 pub use engine::{Engine, MemoryReport, Stage, StepReport, ZeroConfig};
 pub use error::{Result, ZeroError};
 pub use estimate::{ActivationShape, Estimate, activation_bytes, estimate, estimate_table};
 pub use layout::UnitLayout;
-pub use units::{Units, load_params, named_grads, named_params};
+pub use units::{Units, load_params, named_grads, named_params, release_params};

@@ -22,8 +22,14 @@ pub trait Units {
     /// Every float parameter of `unit`, by HF path, in a fixed order (the same on every rank).
     fn unit_params(&self, unit: usize) -> Result<Vec<(String, TensorData)>>;
 
-    /// Replaces parameters of `unit` by path; the data's dtype is the new compute dtype.
+    /// Replaces parameters of `unit` by path; the data's dtype is the new compute dtype. Under
+    /// stage 3 this brings back the whole parameters of a released unit.
     fn set_unit_params(&mut self, unit: usize, values: Vec<(String, TensorData)>) -> Result<()>;
+
+    /// Drops the values of every parameter of `unit` (stage 3 holds a unit's whole parameters
+    /// only while it runs); [`release_params`] does it for a burn module. Until the next
+    /// [`set_unit_params`](Self::set_unit_params) the unit is not run.
+    fn release_unit(&mut self, unit: usize) -> Result<()>;
 
     /// Forward of `unit` in `0..num_units() - 1`; `input` is `None` for unit 0.
     ///
@@ -59,7 +65,8 @@ pub fn named_grads<M: Module>(module: &M, grads: &Gradients) -> Result<Vec<(Stri
 }
 
 /// Replaces the parameters of `module` named in `values` (dtype taken from the data); gradient
-/// tracking and parameter ids are kept, other parameters are left alone.
+/// tracking and parameter ids are kept, other parameters are left alone. A released parameter
+/// (no elements, see [`release_params`]) takes the data's shape.
 pub fn load_params<M: Module>(module: M, values: &HashMap<String, TensorData>) -> Result<M> {
     struct L<'a> {
         values: &'a HashMap<String, TensorData>,
@@ -78,7 +85,8 @@ pub fn load_params<M: Module>(module: M, values: &HashMap<String, TensorData>) -
             let Some(data) = self.values.get(&path) else {
                 return param;
             };
-            if param.shape().as_slice() != data.shape().as_slice() {
+            let released = param.shape().num_elements() == 0;
+            if !released && param.shape().as_slice() != data.shape().as_slice() {
                 self.err.get_or_insert(ZeroError::Model(format!(
                     "{path}: shape {:?} does not match the parameter's {:?}",
                     data.shape().as_slice(),
@@ -106,4 +114,41 @@ pub fn load_params<M: Module>(module: M, values: &HashMap<String, TensorData>) -
         Some(e) => Err(e),
         None => Ok(module),
     }
+}
+
+/// Replaces every float parameter of `module` whose path satisfies `release` by an empty tensor
+/// of the same rank, dtype and device (gradient tracking and ids are kept), freeing its values;
+/// [`load_params`] brings them back.
+pub fn release_params<M: Module>(module: M, release: &dyn Fn(&str) -> bool) -> M {
+    struct R<'a> {
+        release: &'a dyn Fn(&str) -> bool,
+        path: Vec<String>,
+    }
+    impl ModuleMapper for R<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if !(self.release)(&self.path.join(".")) {
+                return param;
+            }
+            param.map(|old| {
+                let (device, dtype) = (old.device(), old.dtype());
+                let empty = TensorData::new(Vec::<f32>::new(), [0; D]).convert_dtype(dtype);
+                let t = Tensor::<D>::from_data(empty, (&device, dtype));
+                if old.is_require_grad() {
+                    t.require_grad()
+                } else {
+                    t
+                }
+            })
+        }
+    }
+    module.map(&mut R {
+        release,
+        path: vec![],
+    })
 }

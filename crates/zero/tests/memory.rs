@@ -12,6 +12,8 @@ use kiln_zero::{Engine, MemoryReport, Stage, ZeroConfig, ZeroError, estimate};
 /// bytes of reduce-scatter + all-gather)
 type Out = (MemoryReport, u64, Vec<usize>, Vec<usize>, usize, u64);
 
+const STAGES: [Stage; 4] = [Stage::Ddp, Stage::One, Stage::Two, Stage::Three];
+
 fn measure(world: usize, stage: Stage, policy: Policy) -> Vec<Out> {
     let cfg = tiny();
     LocalWorld::run(world, |comm| {
@@ -22,15 +24,15 @@ fn measure(world: usize, stage: Stage, policy: Policy) -> Vec<Out> {
             ..Default::default()
         };
         let mut engine = Engine::new(LlamaUnits::new(&cfg), comm, zc, |_| true)?;
-        let all: usize = params_f32(&engine.units().model)
-            .values()
-            .map(Vec::len)
-            .sum();
+        let all: usize = full_params_f32(&mut engine)?.values().map(Vec::len).sum();
+        let before = engine.comm().traffic();
         let r = engine.step(&rank_batches(&cfg, 0, rank, world, 1, policy.compute))?;
         let numel = engine.layouts().iter().map(|l| l.flat.numel()).collect();
         let padded = engine.layouts().iter().map(|l| l.padded).collect();
         let t = engine.comm().traffic();
-        let raw = t.reduce_scatter.bytes_sent + t.all_gather.bytes_sent;
+        let raw = t.reduce_scatter.bytes_sent - before.reduce_scatter.bytes_sent
+            + t.all_gather.bytes_sent
+            - before.all_gather.bytes_sent;
         Ok::<_, ZeroError>((engine.memory(), r.model_bytes_sent, numel, padded, all, raw))
     })
     .unwrap()
@@ -41,7 +43,7 @@ fn memory_per_rank_equals_the_formula_for_each_stage() {
     let f = 4u64;
     for world in [2usize, 4] {
         let n = world as u64;
-        for stage in [Stage::Ddp, Stage::One, Stage::Two] {
+        for stage in STAGES {
             for (rank, (m, _, numel, padded, all, _)) in measure(world, stage, Policy::bf16())
                 .into_iter()
                 .enumerate()
@@ -55,28 +57,40 @@ fn memory_per_rank_equals_the_formula_for_each_stage() {
                         grads_peak: f * psi,
                         master: f * psi,
                         optimizer: 2 * f * psi,
+                        gathered_peak: 0,
                     },
                     Stage::One => MemoryReport {
                         params: 2 * all as u64,
                         grads_peak: f * pad + f * pad / n,
                         master: f * pad / n,
                         optimizer: 2 * f * pad / n,
+                        gathered_peak: 0,
                     },
-                    _ => MemoryReport {
+                    Stage::Two => MemoryReport {
                         params: 2 * all as u64,
                         grads_peak: f * pad / n + f * biggest,
                         master: f * pad / n,
                         optimizer: 2 * f * pad / n,
+                        gathered_peak: 0,
+                    },
+                    Stage::Three => MemoryReport {
+                        params: 0,
+                        grads_peak: f * pad / n + f * biggest,
+                        master: f * pad / n,
+                        optimizer: 2 * f * pad / n,
+                        gathered_peak: 2 * *numel.iter().max().unwrap() as u64,
                     },
                 };
                 assert_eq!(m, want, "{stage:?} N={world} rank {rank}");
                 // Against the unpadded formula with bf16 params and f32 gradients (reduce dtype):
                 // padding is under N elements per unit; stage 2 adds one unit's accumulator.
-                let slack = 12 * f * n * numel.len() as u64 + f * biggest;
+                // Stage 3 adds one gathered unit (bf16) on top of its 16Ψ/N + accumulator.
+                let slack = 12 * f * n * numel.len() as u64 + f * biggest + 2 * biggest;
                 let ideal = match stage {
                     Stage::Ddp => 2 * psi + 16 * psi,
                     Stage::One => 2 * psi + 4 * psi + 16 * psi / n,
-                    _ => 2 * psi + 16 * psi / n,
+                    Stage::Two => 2 * psi + 16 * psi / n,
+                    Stage::Three => 16 * psi / n,
                 };
                 assert!(m.total().abs_diff(ideal) <= slack, "{stage:?} N={world}");
                 eprintln!(
@@ -87,9 +101,19 @@ fn memory_per_rank_equals_the_formula_for_each_stage() {
                     m.optimizer,
                     m.total()
                 );
+                if stage == Stage::Three {
+                    assert!(
+                        m.total() < measure_total(world, Stage::Two),
+                        "stage 3 is the smallest"
+                    );
+                }
             }
         }
     }
+}
+
+fn measure_total(world: usize, stage: Stage) -> u64 {
+    measure(world, stage, Policy::bf16())[0].0.total()
 }
 
 #[test]
@@ -97,7 +121,7 @@ fn traffic_per_step_is_two_psi_b_times_n_minus_one_over_n() {
     let b = 4u64; // f32 compute: gradients reduced and parameters gathered in f32
     for world in [2usize, 4] {
         let n = world as u64;
-        for stage in [Stage::Ddp, Stage::One, Stage::Two] {
+        for stage in STAGES {
             for (rank, (_, bytes, numel, padded, _, raw)) in
                 measure(world, stage, Policy::f32()).into_iter().enumerate()
             {
@@ -106,16 +130,37 @@ fn traffic_per_step_is_two_psi_b_times_n_minus_one_over_n() {
                         .iter()
                         .map(|&l| 2 * b * (l - shard_of(l, rank, world).len) as u64)
                         .sum(),
-                    _ => padded.iter().map(|&l| 2 * b * l as u64 * (n - 1) / n).sum(),
+                    Stage::One | Stage::Two => {
+                        padded.iter().map(|&l| 2 * b * l as u64 * (n - 1) / n).sum()
+                    }
+                    // Gathered for forward and again for backward, reduce-scattered once; the
+                    // loss unit is gathered once for both.
+                    Stage::Three => {
+                        let last = padded.len() - 1;
+                        padded
+                            .iter()
+                            .enumerate()
+                            .map(|(u, &l)| {
+                                let passes = if u == last { 2 } else { 3 };
+                                passes * b * l as u64 * (n - 1) / n
+                            })
+                            .sum()
+                    }
                 };
                 assert_eq!(bytes, exact, "{stage:?} N={world} rank {rank}");
                 if stage != Stage::Ddp {
                     assert_eq!(raw, bytes, "dist counters of reduce-scatter + all-gather");
                 }
                 let psi: u64 = numel.iter().sum::<usize>() as u64;
-                let ideal = 2 * psi * b * (n - 1) / n;
-                assert!(bytes.abs_diff(ideal) <= 2 * b * n * numel.len() as u64);
-                eprintln!("{stage:?} N={world} rank {rank}: {bytes} B/step, 2Ψb(N-1)/N = {ideal}");
+                let (ideal, what) = match stage {
+                    Stage::Three => {
+                        let head = *numel.last().unwrap() as u64;
+                        ((3 * psi - head) * b * (n - 1) / n, "(3Ψ - Ψ_head)b(N-1)/N")
+                    }
+                    _ => (2 * psi * b * (n - 1) / n, "2Ψb(N-1)/N"),
+                };
+                assert!(bytes.abs_diff(ideal) <= 3 * b * n * numel.len() as u64);
+                eprintln!("{stage:?} N={world} rank {rank}: {bytes} B/step, {what} = {ideal}");
             }
         }
     }
@@ -147,11 +192,18 @@ fn frozen_parameters_have_no_gradient_master_or_optimizer_state() {
         .map(|(_, v)| v.len())
         .sum();
     let mut curves = vec![];
-    for world in [1, 2, 3] {
+    for (stage, world) in [
+        (Stage::Two, 1),
+        (Stage::Two, 2),
+        (Stage::Two, 3),
+        (Stage::Three, 1),
+        (Stage::Three, 2),
+        (Stage::Three, 3),
+    ] {
         let out = LocalWorld::run(world, |comm| {
             let rank = comm.rank();
             let zc = ZeroConfig {
-                stage: Stage::Two,
+                stage,
                 policy: Policy::f32(),
                 ..Default::default()
             };
@@ -167,7 +219,7 @@ fn frozen_parameters_have_no_gradient_master_or_optimizer_state() {
                 losses.push(engine.step(&b)?.loss);
             }
             let m = engine.memory();
-            Ok::<_, ZeroError>((losses, params_f32(&engine.units().model), numel, padded, m))
+            Ok::<_, ZeroError>((losses, full_params_f32(&mut engine)?, numel, padded, m))
         })
         .unwrap();
         for (losses, params, numel, padded, m) in &out {

@@ -8,7 +8,7 @@ use kiln_models::{Context, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, unit_
 use kiln_precision::{
     AdamWConfig, ParamGroup, Policy, cast_module, collect_grads, master_weights_for, write_back,
 };
-use kiln_zero::{Result, Units, ZeroError, load_params, named_grads, named_params};
+use kiln_zero::{Result, Units, ZeroError, load_params, named_grads, named_params, release_params};
 
 pub fn tiny() -> LlamaConfig {
     LlamaConfig::from_json(
@@ -122,6 +122,12 @@ impl Units for LlamaUnits {
         Ok(())
     }
 
+    fn release_unit(&mut self, unit: usize) -> Result<()> {
+        let id = self.id(unit);
+        self.model = release_params(self.model.clone(), &|p| unit_of(p) == Some(id));
+        Ok(())
+    }
+
     fn forward(&self, unit: usize, input: Option<Tensor<3>>, batch: &Batch) -> Tensor<3> {
         match (self.id(unit), input) {
             (UnitId::Embed, _) => self.model.embed(batch.ids.clone()),
@@ -160,6 +166,17 @@ pub fn params_f32(model: &Llama) -> HashMap<String, Vec<f32>> {
         .into_iter()
         .map(|(p, d)| (p, d.iter::<f32>().collect()))
         .collect()
+}
+
+/// Every parameter of the engine's model as f32 vectors by path (a collective).
+pub fn full_params_f32<U: Units>(
+    engine: &mut kiln_zero::Engine<U>,
+) -> Result<HashMap<String, Vec<f32>>> {
+    Ok(engine
+        .full_params()?
+        .into_iter()
+        .map(|(p, d)| (p, d.iter::<f32>().collect()))
+        .collect())
 }
 
 /// Whole-model single-rank training on the whole batch: the plain precision recipe.
