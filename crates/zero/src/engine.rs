@@ -11,7 +11,7 @@ use crate::shard::ShardBuf;
 use crate::units::Units;
 
 /// What each rank keeps (DESIGN.md, ZeRO).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Stage {
     /// Stage 0: full gradients, master weights and optimizer state on every rank.
     Ddp,
@@ -99,37 +99,37 @@ impl MemoryReport {
 }
 
 /// One unit's state on this rank.
-struct UnitState {
-    layout: UnitLayout,
-    master: MasterWeights,
+pub(crate) struct UnitState {
+    pub(crate) layout: UnitLayout,
+    pub(crate) master: MasterWeights,
     /// Full-length f32 gradient accumulator (One: whole backward; Two: only across micro-batches
     /// and for the unit being reduced).
-    accum: Option<Vec<f32>>,
+    pub(crate) accum: Option<Vec<f32>>,
     /// Frozen parameters (no master, no gradient), laid out like the trainable ones; sharded
     /// under stage 3 only.
-    frozen: UnitLayout,
+    pub(crate) frozen: UnitLayout,
     /// Stage 3: this rank's shard of the frozen parameters in the compute dtype. Trainable ones
     /// need no compute shard: their fp32 master shard is cast to the compute dtype just before
     /// each all-gather (as FSDP does), which saves 2Ψ/N bytes and makes stage 3 hold exactly
     /// (4 + K)Ψ/N with f32 gradients, the formula's 16Ψ/N.
-    frozen_shard: Option<ShardBuf>,
+    pub(crate) frozen_shard: Option<ShardBuf>,
     /// Bytes of the unit's whole parameters in the compute dtype (what a gather materialises).
-    whole_bytes: u64,
+    pub(crate) whole_bytes: u64,
 }
 
 /// Data-parallel training of a [`Units`] model on one rank.
 pub struct Engine<U: Units> {
-    units: U,
-    comm: Communicator,
-    config: ZeroConfig,
-    scaler: Option<DynamicLossScaler>,
-    state: Vec<UnitState>,
-    param_bytes: u64,
-    grad_live: u64,
-    grad_peak: u64,
-    gathered_live: u64,
-    gathered_peak: u64,
-    model_bytes: u64,
+    pub(crate) units: U,
+    pub(crate) comm: Communicator,
+    pub(crate) config: ZeroConfig,
+    pub(crate) scaler: Option<DynamicLossScaler>,
+    pub(crate) state: Vec<UnitState>,
+    pub(crate) param_bytes: u64,
+    pub(crate) grad_live: u64,
+    pub(crate) grad_peak: u64,
+    pub(crate) gathered_live: u64,
+    pub(crate) gathered_peak: u64,
+    pub(crate) model_bytes: u64,
 }
 
 impl<U: Units> Engine<U> {

@@ -13,6 +13,11 @@ pub enum ZeroError {
     Model(String),
     #[error("{0} is not implemented yet")]
     NotImplemented(&'static str),
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint {
+        path: std::path::PathBuf,
+        msg: String,
+    },
     #[error("config field `{field}`: {msg}")]
     Config { field: &'static str, msg: String },
 }

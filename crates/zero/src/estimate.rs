@@ -52,14 +52,37 @@ pub fn estimate(psi: f64, frozen: f64, n: usize, stage: Stage, k: f64) -> Estima
     }
 }
 
+/// Stage 3 also holds the whole parameters of the unit that runs, in the compute dtype
+/// (`bytes` per element), and of the next one with prefetch. Other stages hold whole parameters
+/// anyway, so this is 0 for them.
+pub fn gathered_bytes(stage: Stage, largest_unit: f64, prefetch: bool, bytes: f64) -> f64 {
+    match stage {
+        Stage::Three => largest_unit * bytes * if prefetch { 2.0 } else { 1.0 },
+        _ => 0.0,
+    }
+}
+
 /// Formats the per-rank model-state memory of every stage as a table (GB = 1e9 bytes), the
 /// output of `kiln estimate`.
 pub fn estimate_table(psi: f64, frozen: f64, n: usize, k: f64) -> String {
+    estimate_table_with(psi, frozen, n, k, 0.0, false)
+}
+
+/// [`estimate_table`] with stage 3's gathered unit: `largest_unit` parameters (the biggest unit,
+/// trainable and frozen), twice with `prefetch`.
+pub fn estimate_table_with(
+    psi: f64,
+    frozen: f64,
+    n: usize,
+    k: f64,
+    largest_unit: f64,
+    prefetch: bool,
+) -> String {
     let gb = |b: f64| b / 1e9;
     let mut out = format!(
         "Ψ = {:.3e} trainable + {:.3e} frozen parameters, N = {n}, K = {k}\n\
-         | stage | params GB | grads GB | master + optimizer GB | total GB |\n\
-         | --- | --- | --- | --- | --- |\n",
+         | stage | params GB | grads GB | master + optimizer GB | gathered unit GB | total GB |\n\
+         | --- | --- | --- | --- | --- | --- |\n",
         psi, frozen
     );
     for (name, stage) in [
@@ -69,12 +92,14 @@ pub fn estimate_table(psi: f64, frozen: f64, n: usize, k: f64) -> String {
         ("3 (FSDP)", Stage::Three),
     ] {
         let e = estimate(psi, frozen, n, stage, k);
+        let g = gathered_bytes(stage, largest_unit, prefetch, 2.0);
         out += &format!(
-            "| {name} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            "| {name} | {:.1} | {:.1} | {:.1} | {:.2} | {:.1} |\n",
             gb(e.params),
             gb(e.grads),
             gb(e.optimizer),
-            gb(e.total())
+            gb(g),
+            gb(e.total() + g)
         );
     }
     out
@@ -131,6 +156,11 @@ mod tests {
         for total in ["| 120.0 |", "| 31.4 |", "| 16.6 |", "| 1.9 |"] {
             assert!(table.contains(total), "{total} missing from\n{table}");
         }
+        // A 7B Llama's largest unit is a decoder block of ~202M parameters (or the 131M-row
+        // embedding); gathered in bf16 that is 0.40 GB, 0.81 GB with prefetch.
+        let table = estimate_table_with(7.5e9, 0.0, 64, 12.0, 2.02e8, true);
+        assert!(table.contains("| 3 (FSDP) | 0.2 | 0.2 | 1.4 | 0.81 | 2.7 |"), "{table}");
+        assert_eq!(gathered_bytes(Stage::Two, 2.02e8, true, 2.0), 0.0);
     }
 
     #[test]

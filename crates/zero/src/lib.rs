@@ -32,6 +32,7 @@
 //!   one unit's full gradient at a time.
 //! - The inf/NaN flag is MAX-reduced over ranks every step, so all ranks skip together.
 
+pub mod checkpoint;
 mod engine;
 mod error;
 mod estimate;
@@ -39,8 +40,12 @@ mod layout;
 mod shard;
 mod units;
 
+pub use checkpoint::{Manifest, latest_checkpoint, read_full_checkpoint, read_manifest};
 pub use engine::{Engine, MemoryReport, Stage, StepReport, ZeroConfig};
 pub use error::{Result, ZeroError};
-pub use estimate::{ActivationShape, Estimate, activation_bytes, estimate, estimate_table};
+pub use estimate::{
+    ActivationShape, Estimate, activation_bytes, estimate, estimate_table, estimate_table_with,
+    gathered_bytes,
+};
 pub use layout::UnitLayout;
 pub use units::{Units, load_params, named_grads, named_params, release_params};

@@ -93,6 +93,16 @@ impl ShardBuf {
         Ok(())
     }
 
+    /// Elements `range` as 1-D data in this buffer's dtype.
+    pub fn slice(&self, range: std::ops::Range<usize>) -> TensorData {
+        let n = range.len();
+        match self {
+            Self::F32(v) => TensorData::new(v[range].to_vec(), [n]),
+            Self::BF16(v) => TensorData::new(v[range].to_vec(), [n]),
+            Self::F16(v) => TensorData::new(v[range].to_vec(), [n]),
+        }
+    }
+
     /// All-gathers every rank's shard (`padded` elements in all) and cuts the result into the
     /// layout's parameters.
     pub fn gather(

@@ -1,0 +1,594 @@
+//! Sharded checkpoints (DESIGN.md, Files): one safetensors file per rank plus `manifest.json`,
+//! written under a temporary name and renamed when every rank is done; checksums verified on
+//! load; loadable with another world size or stage.
+//!
+//! Each unit has two flat buffers (trainable, frozen), unpadded here. Rank r writes the part of
+//! each buffer it owns: its shard under a stage that shards it, else its `shard_of` slice (so
+//! N ranks of a DDP run write the model once between them, not N times). A file holds, per unit
+//! `u`, the tensors `u{u}.master`, `u{u}.exp_avg`, `u{u}.exp_avg_sq` (f32) and `u{u}.frozen`
+//! (compute dtype), with the global offset of each piece in the file's safetensors metadata.
+//! Loading assembles whole buffers from every file and cuts this rank's shards from them, so
+//! N and the stage may change between save and load.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, TensorData};
+use half::{bf16, f16};
+use kiln_dist::{ReduceOp, shard_of};
+use kiln_precision::{AdamWState, ScalerState};
+use safetensors::{Dtype, SafeTensors};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{Engine, Stage};
+use crate::error::{Result, ZeroError};
+use crate::shard::split;
+use crate::units::Units;
+
+/// The manifest's `format` field.
+pub const FORMAT: &str = "kiln-checkpoint/1";
+/// Name of the manifest in a checkpoint folder.
+pub const MANIFEST: &str = "manifest.json";
+/// Name of the file in the checkpoint root that names the newest complete checkpoint.
+pub const LATEST: &str = "latest";
+
+/// What `manifest.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    pub format: String,
+    /// Ranks that wrote the checkpoint.
+    pub world_size: usize,
+    pub stage: Stage,
+    /// Compute dtype of the run (the dtype the frozen parameters are stored in).
+    pub compute_dtype: String,
+    /// AdamW steps taken.
+    pub optimizer_step: u64,
+    /// Loss scaler state (f16 runs).
+    pub scaler: Option<ScalerState>,
+    /// Parameters of every unit, in flat order.
+    pub units: Vec<UnitManifest>,
+    /// One file per rank, with its size and CRC-32.
+    pub files: Vec<FileManifest>,
+    /// The caller's state (trainer: step, data position, rng, config).
+    pub extra: serde_json::Value,
+}
+
+/// The parameters of one unit, in flat order.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UnitManifest {
+    pub trainable: Vec<(String, Vec<usize>)>,
+    pub frozen: Vec<(String, Vec<usize>)>,
+}
+
+/// One rank's file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FileManifest {
+    pub rank: usize,
+    pub file: String,
+    pub bytes: u64,
+    pub crc32: u32,
+}
+
+fn err(path: &Path, msg: impl Into<String>) -> ZeroError {
+    ZeroError::Checkpoint {
+        path: path.to_path_buf(),
+        msg: msg.into(),
+    }
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> ZeroError + '_ {
+    move |e| err(path, e.to_string())
+}
+
+/// Writes `bytes` to `path` through a temporary file, synced and renamed: readers see either the
+/// old file or the whole new one.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("part");
+    let mut f = fs::File::create(&tmp).map_err(io(&tmp))?;
+    f.write_all(bytes).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+fn sync_dir(dir: &Path) {
+    // Best effort: makes the renames durable where the platform allows opening a directory.
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+fn dtype_name(d: DType) -> String {
+    format!("{d:?}").to_lowercase()
+}
+
+fn st_dtype(d: DType) -> Result<Dtype> {
+    Ok(match d {
+        DType::F32 => Dtype::F32,
+        DType::BF16 => Dtype::BF16,
+        DType::F16 => Dtype::F16,
+        other => {
+            return Err(ZeroError::Config {
+                field: "policy.compute",
+                msg: format!("{other:?} cannot be checkpointed"),
+            });
+        }
+    })
+}
+
+/// The newest complete checkpoint under `root` (named by `root/latest`), if any.
+pub fn latest_checkpoint(root: impl AsRef<Path>) -> Result<Option<PathBuf>> {
+    let root = root.as_ref();
+    let latest = root.join(LATEST);
+    match fs::read_to_string(&latest) {
+        Ok(name) => {
+            let dir = root.join(name.trim());
+            if !dir.join(MANIFEST).is_file() {
+                return Err(err(
+                    &latest,
+                    format!("names {}, which has no {MANIFEST}", dir.display()),
+                ));
+            }
+            Ok(Some(dir))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(err(&latest, e.to_string())),
+    }
+}
+
+/// Reads and checks `dir/manifest.json`.
+pub fn read_manifest(dir: impl AsRef<Path>) -> Result<Manifest> {
+    let path = dir.as_ref().join(MANIFEST);
+    let text = fs::read_to_string(&path).map_err(io(&path))?;
+    let m: Manifest = serde_json::from_str(&text).map_err(|e| err(&path, e.to_string()))?;
+    if m.format != FORMAT {
+        return Err(err(
+            &path,
+            format!("format {:?}, expected {FORMAT:?}", m.format),
+        ));
+    }
+    if m.files.len() != m.world_size {
+        return Err(err(
+            &path,
+            format!("{} files for {} ranks", m.files.len(), m.world_size),
+        ));
+    }
+    Ok(m)
+}
+
+/// The rank files of a checkpoint, mapped and verified against the manifest's sizes and CRCs.
+struct Files {
+    maps: Vec<(PathBuf, memmap2::Mmap)>,
+}
+
+impl Files {
+    fn open(dir: &Path, m: &Manifest) -> Result<Self> {
+        let mut maps = Vec::with_capacity(m.files.len());
+        for f in &m.files {
+            let path = dir.join(&f.file);
+            let file = fs::File::open(&path).map_err(io(&path))?;
+            // SAFETY: checkpoint files are written once through a rename and never modified in
+            // place; a concurrent writer would change the checksum, which is verified below.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(&path))?;
+            if map.len() as u64 != f.bytes {
+                return Err(err(
+                    &path,
+                    format!(
+                        "{} bytes, the manifest says {} (truncated or replaced)",
+                        map.len(),
+                        f.bytes
+                    ),
+                ));
+            }
+            let crc = crc32fast::hash(&map);
+            if crc != f.crc32 {
+                return Err(err(
+                    &path,
+                    format!(
+                        "CRC-32 {crc:08x}, the manifest says {:08x} (corrupted)",
+                        f.crc32
+                    ),
+                ));
+            }
+            maps.push((path, map));
+        }
+        Ok(Self { maps })
+    }
+
+    /// Assembles the whole `len`-element buffer `name` from the pieces in every file, as f32.
+    fn assemble(&self, name: &str, len: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; len];
+        let mut covered = 0usize;
+        for (path, map) in &self.maps {
+            let (_, meta) =
+                SafeTensors::read_metadata(map).map_err(|e| err(path, e.to_string()))?;
+            let Some(offset) = meta.metadata().as_ref().and_then(|m| m.get(name)) else {
+                continue;
+            };
+            let offset: usize = offset
+                .parse()
+                .map_err(|_| err(path, format!("offset of {name} is {offset:?}")))?;
+            let st = SafeTensors::deserialize(map).map_err(|e| err(path, e.to_string()))?;
+            let view = st
+                .tensor(name)
+                .map_err(|e| err(path, format!("{name}: {e}")))?;
+            let bytes = view.data();
+            let values: Vec<f32> = match view.dtype() {
+                Dtype::F32 => bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
+                Dtype::BF16 => bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                Dtype::F16 => bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+                other => return Err(err(path, format!("{name}: dtype {other:?}"))),
+            };
+            if offset + values.len() > len {
+                return Err(err(
+                    path,
+                    format!(
+                        "{name}: [{offset}, {}) is outside the buffer of {len}",
+                        offset + values.len()
+                    ),
+                ));
+            }
+            out[offset..offset + values.len()].copy_from_slice(&values);
+            covered += values.len();
+        }
+        if covered != len {
+            return Err(err(
+                &self.maps.first().map(|m| m.0.clone()).unwrap_or_default(),
+                format!("{name}: the files hold {covered} of {len} elements"),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+fn unit_manifest(entries: &kiln_precision::FlatLayout) -> Vec<(String, Vec<usize>)> {
+    entries
+        .entries()
+        .iter()
+        .map(|e| (e.path.clone(), e.shape.clone()))
+        .collect()
+}
+
+/// Every parameter of a checkpoint, whole, by path: trainable ones from the f32 master,
+/// frozen ones as stored (the run's compute dtype, returned as f32, exactly). No ranks needed:
+/// this is what `kiln export` writes as HF safetensors.
+pub fn read_full_checkpoint(
+    dir: impl AsRef<Path>,
+) -> Result<(Manifest, Vec<(String, TensorData)>)> {
+    let dir = dir.as_ref();
+    let m = read_manifest(dir)?;
+    let files = Files::open(dir, &m)?;
+    let mut out = Vec::new();
+    for (u, unit) in m.units.iter().enumerate() {
+        for (kind, params) in [("master", &unit.trainable), ("frozen", &unit.frozen)] {
+            let len: usize = params
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>())
+                .sum();
+            if len == 0 {
+                continue;
+            }
+            let full = files.assemble(&format!("u{u}.{kind}"), len)?;
+            let mut at = 0;
+            for (path, shape) in params {
+                let n: usize = shape.iter().product();
+                out.push((
+                    path.clone(),
+                    TensorData::new(full[at..at + n].to_vec(), shape.clone()),
+                ));
+                at += n;
+            }
+        }
+    }
+    Ok((m, out))
+}
+
+impl<U: Units> Engine<U> {
+    /// The global range of a flat buffer of `numel` elements this rank writes: its shard when
+    /// the stage shards that buffer, its `shard_of` slice otherwise.
+    fn owned_range(
+        &self,
+        numel: usize,
+        shard: kiln_precision::Shard,
+        sharded: bool,
+    ) -> (usize, usize) {
+        if sharded {
+            (
+                shard.offset.min(numel),
+                (shard.offset + shard.len).min(numel),
+            )
+        } else {
+            let s = shard_of(numel, self.comm.rank(), self.comm.world_size());
+            (s.offset, s.offset + s.len)
+        }
+    }
+
+    /// This rank's file: its pieces of every unit's buffers, with their offsets as metadata.
+    fn rank_file(&mut self) -> Result<Vec<u8>> {
+        let compute = self.config.policy.compute;
+        let mut tensors: Vec<(String, TensorData)> = Vec::new();
+        let mut meta: HashMap<String, String> = HashMap::new();
+        for u in 0..self.state.len() {
+            let s = &self.state[u];
+            let numel = s.layout.flat.numel();
+            let (lo, hi) =
+                self.owned_range(numel, s.layout.shard, self.config.stage.shards_optimizer());
+            if hi > lo {
+                let local = lo - s.layout.shard.offset..hi - s.layout.shard.offset;
+                let opt = s.master.optimizer_state();
+                for (kind, values) in [
+                    ("master", s.master.params()),
+                    ("exp_avg", &opt.exp_avg[..]),
+                    ("exp_avg_sq", &opt.exp_avg_sq[..]),
+                ] {
+                    let name = format!("u{u}.{kind}");
+                    let v = values[local.clone()].to_vec();
+                    tensors.push((name.clone(), TensorData::new(v, [hi - lo])));
+                    meta.insert(name, lo.to_string());
+                }
+            }
+            let numel = s.frozen.flat.numel();
+            let (lo, hi) =
+                self.owned_range(numel, s.frozen.shard, self.config.stage.shards_params());
+            if hi > lo {
+                let data = match &s.frozen_shard {
+                    Some(buf) => {
+                        let off = s.frozen.shard.offset;
+                        buf.slice(lo - off..hi - off)
+                    }
+                    None => {
+                        let params = self.units.unit_params(u)?;
+                        let mut buf = crate::shard::ShardBuf::zeros(compute, numel)?;
+                        let whole = kiln_precision::Shard {
+                            offset: 0,
+                            len: numel,
+                        };
+                        buf.fill(&s.frozen.flat, whole, &params)?;
+                        buf.slice(lo..hi)
+                    }
+                };
+                let name = format!("u{u}.frozen");
+                tensors.push((name.clone(), data));
+                meta.insert(name, lo.to_string());
+            }
+        }
+        let views = tensors
+            .iter()
+            .map(|(k, t)| {
+                let view = safetensors::tensor::TensorView::new(
+                    st_dtype(t.dtype())?,
+                    t.shape().to_vec(),
+                    t.as_bytes(),
+                )
+                .map_err(|e| ZeroError::Model(format!("{k}: {e}")))?;
+                Ok((k.clone(), view))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        safetensors::serialize(views, Some(meta)).map_err(|e| ZeroError::Model(e.to_string()))
+    }
+
+    /// Saves a checkpoint as `root/name` (a collective: every rank must call it). Each rank
+    /// writes its file into `root/name.tmp`; when all have succeeded rank 0 writes the
+    /// manifest, renames the folder to `root/name` and points `root/latest` at it. A save that
+    /// fails or is interrupted leaves the previous checkpoints and `latest` untouched.
+    pub fn save_checkpoint(
+        &mut self,
+        root: impl AsRef<Path>,
+        name: &str,
+        extra: serde_json::Value,
+    ) -> Result<PathBuf> {
+        let root = root.as_ref();
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let tmp = root.join(format!("{name}.tmp"));
+        let done = root.join(name);
+
+        // Rank 0 clears a stale temporary folder of an interrupted save.
+        let mut failed = [0i64];
+        if rank == 0 {
+            let prepared = (|| {
+                if tmp.exists() {
+                    fs::remove_dir_all(&tmp)?;
+                }
+                fs::create_dir_all(&tmp)
+            })();
+            if let Err(e) = prepared {
+                tracing::error!("checkpoint {}: {e}", tmp.display());
+                failed[0] = 1;
+            }
+        }
+        self.comm.all_reduce(&mut failed, ReduceOp::Max)?;
+        if failed[0] != 0 {
+            return Err(err(&tmp, "rank 0 could not create the folder"));
+        }
+
+        let file = format!("rank-{rank:05}-of-{world:05}.safetensors");
+        let written = self
+            .rank_file()
+            .and_then(|bytes| {
+                write_atomic(&tmp.join(&file), &bytes)?;
+                Ok((bytes.len() as i64, i64::from(crc32fast::hash(&bytes))))
+            })
+            .map_err(|e| tracing::error!("checkpoint rank {rank}: {e}"));
+        let mine = match written {
+            Ok((bytes, crc)) => [0, bytes, crc],
+            Err(()) => [1, 0, 0],
+        };
+        let all = self.comm.all_gather(&mine, 3 * world)?;
+        let bad: Vec<usize> = (0..world).filter(|r| all[3 * r] != 0).collect();
+        if !bad.is_empty() {
+            return Err(err(
+                &tmp,
+                format!("ranks {bad:?} failed to write their files"),
+            ));
+        }
+
+        let mut failed = [0i64];
+        if rank == 0 {
+            let manifest = Manifest {
+                format: FORMAT.into(),
+                world_size: world,
+                stage: self.config.stage,
+                compute_dtype: dtype_name(self.config.policy.compute),
+                optimizer_step: self
+                    .state
+                    .first()
+                    .map_or(0, |s| s.master.optimizer_state().step),
+                scaler: self.scaler.as_ref().map(|s| s.state().clone()),
+                units: self
+                    .state
+                    .iter()
+                    .map(|s| UnitManifest {
+                        trainable: unit_manifest(&s.layout.flat),
+                        frozen: unit_manifest(&s.frozen.flat),
+                    })
+                    .collect(),
+                files: (0..world)
+                    .map(|r| FileManifest {
+                        rank: r,
+                        file: format!("rank-{r:05}-of-{world:05}.safetensors"),
+                        bytes: all[3 * r + 1] as u64,
+                        crc32: all[3 * r + 2] as u32,
+                    })
+                    .collect(),
+                extra,
+            };
+            let finish = || -> Result<()> {
+                let json =
+                    serde_json::to_vec_pretty(&manifest).map_err(|e| err(&tmp, e.to_string()))?;
+                write_atomic(&tmp.join(MANIFEST), &json)?;
+                sync_dir(&tmp);
+                if done.exists() {
+                    let old = root.join(format!("{name}.old"));
+                    if old.exists() {
+                        fs::remove_dir_all(&old).map_err(io(&old))?;
+                    }
+                    fs::rename(&done, &old).map_err(io(&done))?;
+                    fs::rename(&tmp, &done).map_err(io(&done))?;
+                    fs::remove_dir_all(&old).map_err(io(&old))?;
+                } else {
+                    fs::rename(&tmp, &done).map_err(io(&done))?;
+                }
+                write_atomic(&root.join(LATEST), name.as_bytes())?;
+                sync_dir(root);
+                Ok(())
+            };
+            if let Err(e) = finish() {
+                tracing::error!("{e}");
+                failed[0] = 1;
+            }
+        }
+        self.comm.all_reduce(&mut failed, ReduceOp::Max)?;
+        if failed[0] != 0 {
+            return Err(err(&done, "rank 0 could not finish the checkpoint"));
+        }
+        Ok(done)
+    }
+
+    /// Loads a checkpoint written by any number of ranks under any stage into this engine
+    /// (every rank reads what it needs; no collective). The model's units must have the same
+    /// parameters (paths, shapes, trainable or frozen). Returns the caller's `extra` state.
+    pub fn load_checkpoint(&mut self, dir: impl AsRef<Path>) -> Result<serde_json::Value> {
+        let dir = dir.as_ref();
+        let m = read_manifest(dir)?;
+        let manifest_path = dir.join(MANIFEST);
+        if m.units.len() != self.state.len() {
+            return Err(err(
+                &manifest_path,
+                format!(
+                    "{} units, the model has {}",
+                    m.units.len(),
+                    self.state.len()
+                ),
+            ));
+        }
+        for (u, (saved, s)) in m.units.iter().zip(&self.state).enumerate() {
+            for (kind, saved, now) in [
+                ("trainable", &saved.trainable, unit_manifest(&s.layout.flat)),
+                ("frozen", &saved.frozen, unit_manifest(&s.frozen.flat)),
+            ] {
+                if *saved != now {
+                    let missing = saved.iter().find(|p| !now.contains(p));
+                    let extra = now.iter().find(|p| !saved.contains(p));
+                    let detail = match (missing, extra) {
+                        (Some(a), Some(b)) => format!("saved {a:?}, the model has {b:?}"),
+                        (Some(a), None) => format!("saved {a:?}, not {kind} in the model"),
+                        (None, Some(b)) => format!("the model's {b:?} was not saved as {kind}"),
+                        (None, None) => "the order differs".into(),
+                    };
+                    return Err(err(
+                        &manifest_path,
+                        format!("unit {u}: {kind} parameters differ: {detail}"),
+                    ));
+                }
+            }
+        }
+        let files = Files::open(dir, &m)?;
+        let compute = self.config.policy.compute;
+        for u in 0..self.state.len() {
+            let s = &mut self.state[u];
+            let numel = s.layout.flat.numel();
+            let mut values = Vec::new();
+            if numel > 0 {
+                let shard = s.layout.shard;
+                let cut = |full: &[f32]| -> Vec<f32> {
+                    (shard.offset..shard.offset + shard.len)
+                        .map(|i| full.get(i).copied().unwrap_or(0.0))
+                        .collect()
+                };
+                let master = files.assemble(&format!("u{u}.master"), numel)?;
+                s.master.params_mut().copy_from_slice(&cut(&master));
+                s.master.load_optimizer_state(AdamWState {
+                    step: m.optimizer_step,
+                    exp_avg: cut(&files.assemble(&format!("u{u}.exp_avg"), numel)?),
+                    exp_avg_sq: cut(&files.assemble(&format!("u{u}.exp_avg_sq"), numel)?),
+                })?;
+                if s.frozen_shard.is_none() {
+                    values.extend(
+                        split(&master, &s.layout.flat)
+                            .into_iter()
+                            .map(|(p, d)| (p, d.convert_dtype(compute))),
+                    );
+                }
+            }
+            let numel = s.frozen.flat.numel();
+            if numel > 0 {
+                let frozen = files.assemble(&format!("u{u}.frozen"), numel)?;
+                let params = split(&frozen, &s.frozen.flat);
+                match &mut s.frozen_shard {
+                    Some(buf) => buf.fill(&s.frozen.flat, s.frozen.shard, &params)?,
+                    None => values.extend(
+                        params
+                            .into_iter()
+                            .map(|(p, d)| (p, d.convert_dtype(compute))),
+                    ),
+                }
+            }
+            if self.config.stage.shards_params() {
+                // Stage 3 keeps the unit released; the shards are all it needs.
+                continue;
+            }
+            if !values.is_empty() {
+                self.units.set_unit_params(u, values)?;
+            }
+        }
+        match (&mut self.scaler, m.scaler) {
+            (Some(s), Some(state)) => s.load_state(state)?,
+            (Some(_), None) => tracing::warn!(
+                "{}: no loss scaler state (saved without f16); starting from the initial scale",
+                manifest_path.display()
+            ),
+            _ => {}
+        }
+        Ok(m.extra)
+    }
+}
