@@ -49,5 +49,5 @@ pub mod peft;
 
 pub use config::{LoraConfig, LoraInit, TargetModules};
 pub use error::{LoraError, Result};
-pub use model::{LoraModel, TrainableParams, WeightInfo};
+pub use model::{LoraModel, TrainableParams, WeightInfo, burn_factor_path};
 pub use peft::{Factor, PeftAdapter, parse_key, peft_key};

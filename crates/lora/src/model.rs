@@ -124,6 +124,14 @@ impl<M: Module> LoraModel<M> {
         &self.live
     }
 
+    /// The running module (the base with the active adapter attached), for a caller that owns
+    /// the parameters from then on, such as a ZeRO engine that shards them: it keeps no second
+    /// copy of the base. The adapter factors are parameters at `<weight>.lora.a` (= PEFT's
+    /// `lora_B`) and `<weight>.lora.b` (= `lora_A`), see [`burn_factor_path`].
+    pub fn into_model(self) -> M {
+        self.live
+    }
+
     /// The frozen base weights without adapters (with the active adapter folded in while merged).
     pub fn base(&self) -> &M {
         &self.base
@@ -806,5 +814,15 @@ impl SplitMix64 {
     fn normal(&mut self) -> f64 {
         let (u1, u2) = (self.uniform(), self.uniform());
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
+
+/// Where burn's `LoraAdapter` keeps PEFT factor `factor` of the target `module` in a model from
+/// [`LoraModel::into_model`]: `<module>.weight.lora.a` holds `lora_B` and `.lora.b` holds
+/// `lora_A` (HF `[out, in]` layout; transposed under `fan_in_fan_out`).
+pub fn burn_factor_path(module: &str, factor: crate::peft::Factor) -> String {
+    match factor {
+        crate::peft::Factor::A => format!("{module}.weight.lora.b"),
+        crate::peft::Factor::B => format!("{module}.weight.lora.a"),
     }
 }

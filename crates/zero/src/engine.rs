@@ -446,6 +446,11 @@ impl<U: Units> Engine<U> {
         self.release(n - 1)?;
         self.unit_done(n - 1, unit_grads, last)?;
         for u in (0..n - 1).rev() {
+            if u == 0 && self.state[0].layout.flat.entries().is_empty() {
+                // A frozen first unit (the embedding under LoRA) needs no backward at all.
+                self.unit_done(0, Vec::new(), last)?;
+                break;
+            }
             self.fetch(u)?;
             let grads = if u == 0 {
                 let out = self.units.forward(0, None, batch);

@@ -159,7 +159,10 @@ mod tests {
         // A 7B Llama's largest unit is a decoder block of ~202M parameters (or the 131M-row
         // embedding); gathered in bf16 that is 0.40 GB, 0.81 GB with prefetch.
         let table = estimate_table_with(7.5e9, 0.0, 64, 12.0, 2.02e8, true);
-        assert!(table.contains("| 3 (FSDP) | 0.2 | 0.2 | 1.4 | 0.81 | 2.7 |"), "{table}");
+        assert!(
+            table.contains("| 3 (FSDP) | 0.2 | 0.2 | 1.4 | 0.81 | 2.7 |"),
+            "{table}"
+        );
         assert_eq!(gathered_bytes(Stage::Two, 2.02e8, true, 2.0), 0.0);
     }
 
