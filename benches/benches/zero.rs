@@ -16,8 +16,8 @@ use kiln_dist::LocalWorld;
 use kiln_models::{Context, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, unit_of};
 use kiln_precision::Policy;
 use kiln_zero::{
-    Engine, Result, Stage, Units, ZeroConfig, ZeroError, load_params, named_grads, named_params,
-    release_params,
+    Engine, Result, Stage, Units, ZeroConfig, ZeroError, load_params, named_grads,
+    named_params_where, release_params,
 };
 
 const BATCH: usize = 8;
@@ -57,10 +57,7 @@ impl Units for LlamaUnits {
     }
     fn unit_params(&self, unit: usize) -> Result<Vec<(String, TensorData)>> {
         let id = self.id(unit);
-        Ok(named_params(&self.0)?
-            .into_iter()
-            .filter(|(p, _)| unit_of(p) == Some(id))
-            .collect())
+        named_params_where(&self.0, &|p| unit_of(p) == Some(id))
     }
     fn set_unit_params(&mut self, _: usize, values: Vec<(String, TensorData)>) -> Result<()> {
         let map: HashMap<String, TensorData> = values.into_iter().collect();

@@ -40,7 +40,7 @@ pub use flat::{
 };
 pub use master::{FlatEntry, FlatLayout, MasterWeights, Shard, StepOutcome};
 pub use module::{
-    NamedParam, Policy, cast_module, collect_grads, collect_params, master_weights_for,
-    param_paths, write_back,
+    NamedParam, Policy, cast_module, collect_grads, collect_params, collect_params_where,
+    master_weights_for, param_paths, write_back,
 };
 pub use scaler::{DynamicLossScaler, ScaleWarning, ScalerConfig, ScalerState, ScalerUpdate};

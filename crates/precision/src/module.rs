@@ -170,12 +170,23 @@ pub fn param_paths<M: Module>(module: &M) -> Vec<String> {
 
 /// Every float parameter of `module` with its path, values and trainability, in visit order.
 pub fn collect_params<M: Module>(module: &M) -> Result<Vec<NamedParam>> {
-    struct V {
+    collect_params_where(module, &|_| true)
+}
+
+/// The float parameters of `module` whose path satisfies `select`, with their values and
+/// trainability, in visit order; the values of the others are not read (a ZeRO-3 adapter reads
+/// one unit at a time).
+pub fn collect_params_where<M: Module>(
+    module: &M,
+    select: &dyn Fn(&str) -> bool,
+) -> Result<Vec<NamedParam>> {
+    struct V<'a> {
         stack: PathStack,
         out: Vec<NamedParam>,
         err: Option<PrecisionError>,
+        select: &'a dyn Fn(&str) -> bool,
     }
-    impl ModuleVisitor for V {
+    impl ModuleVisitor for V<'_> {
         fn enter_module(&mut self, name: &str, _: &str) {
             self.stack.enter(name);
         }
@@ -184,6 +195,9 @@ pub fn collect_params<M: Module>(module: &M) -> Result<Vec<NamedParam>> {
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
             let path = self.stack.path();
+            if !(self.select)(&path) {
+                return;
+            }
             let t = param.val();
             let require_grad = t.is_require_grad();
             match t.try_into_data() {
@@ -205,6 +219,7 @@ pub fn collect_params<M: Module>(module: &M) -> Result<Vec<NamedParam>> {
         stack: PathStack::default(),
         out: Vec::new(),
         err: None,
+        select,
     };
     module.visit(&mut v);
     match v.err {

@@ -48,4 +48,6 @@ pub use estimate::{
     gathered_bytes,
 };
 pub use layout::UnitLayout;
-pub use units::{Units, load_params, named_grads, named_params, release_params};
+pub use units::{
+    Units, load_params, named_grads, named_params, named_params_where, release_params,
+};

@@ -59,6 +59,18 @@ pub fn named_params<M: Module>(module: &M) -> Result<Vec<(String, TensorData)>> 
         .collect())
 }
 
+/// The float parameters of `module` whose path satisfies `select`, by path, with their values;
+/// only those are read (a unit's [`Units::unit_params`] without copying the whole model).
+pub fn named_params_where<M: Module>(
+    module: &M,
+    select: &dyn Fn(&str) -> bool,
+) -> Result<Vec<(String, TensorData)>> {
+    Ok(kiln_precision::collect_params_where(module, select)?
+        .into_iter()
+        .map(|p| (p.path, p.data))
+        .collect())
+}
+
 /// Gradients of every float parameter of `module` present in `grads`, by path.
 pub fn named_grads<M: Module>(module: &M, grads: &Gradients) -> Result<Vec<(String, TensorData)>> {
     Ok(kiln_precision::collect_grads(module, grads)?)

@@ -8,7 +8,10 @@ use kiln_models::{Context, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, unit_
 use kiln_precision::{
     AdamWConfig, ParamGroup, Policy, cast_module, collect_grads, master_weights_for, write_back,
 };
-use kiln_zero::{Result, Units, ZeroError, load_params, named_grads, named_params, release_params};
+use kiln_zero::{
+    Result, Units, ZeroError, load_params, named_grads, named_params, named_params_where,
+    release_params,
+};
 
 pub fn tiny() -> LlamaConfig {
     LlamaConfig::from_json(
@@ -110,10 +113,7 @@ impl Units for LlamaUnits {
 
     fn unit_params(&self, unit: usize) -> Result<Vec<(String, TensorData)>> {
         let id = self.id(unit);
-        Ok(named_params(&self.model)?
-            .into_iter()
-            .filter(|(p, _)| unit_of(p) == Some(id))
-            .collect())
+        named_params_where(&self.model, &|p| unit_of(p) == Some(id))
     }
 
     fn set_unit_params(&mut self, _unit: usize, values: Vec<(String, TensorData)>) -> Result<()> {
