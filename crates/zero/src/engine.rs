@@ -255,6 +255,14 @@ impl<U: Units> Engine<U> {
         &mut self.units
     }
 
+    /// Sets the learning rate of every unit's parameter group (a schedule calls it per step).
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        for s in &mut self.state {
+            s.master.set_lr(0, lr)?;
+        }
+        Ok(())
+    }
+
     /// Takes the engine apart: the model (released units stay released under stage 3) and the
     /// communicator, e.g. to run another engine over the same ranks.
     pub fn into_parts(self) -> (U, Communicator) {
