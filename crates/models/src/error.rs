@@ -47,6 +47,8 @@ pub enum ModelError {
         keys: Vec<String>,
         source_name: String,
     },
+    #[error("generate: `{field}`: {reason}")]
+    Generate { field: &'static str, reason: String },
     #[error("input: {0}")]
     Input(String),
 }

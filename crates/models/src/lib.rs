@@ -2,9 +2,15 @@
 //!
 //! The model is a stack of units (embedding, decoder blocks, norm + head) that callers may run one
 //! at a time; it knows nothing of ranks or precision policies.
+//!
+//! Inference: [`Llama::forward_cached`] runs new positions against a [`KvCache`] (a prefill of
+//! left-padded prompts, then one-token steps) and [`generate()`] decodes greedily or with nucleus
+//! sampling from a [`GenerateConfig`].
 
+pub mod cache;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod layers;
 pub mod llama;
 pub mod loss;
@@ -15,11 +21,13 @@ use std::path::Path;
 
 use burn::tensor::{DType, Device};
 
+pub use cache::{KvCache, LayerCache};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
+pub use generate::{GenerateConfig, generate};
 pub use llama::{Context, DecoderLayer, Llama, UnitId, unit_of};
 pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum};
-pub use source::{ParamSource, RandomInit};
+pub use source::{ParamSource, RandomInit, SplitMix64};
 pub use weights::{SafetensorsSource, named_tensors, save_safetensors};
 
 impl Llama {

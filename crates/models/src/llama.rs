@@ -5,6 +5,7 @@ use burn::module::Module;
 use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
+use crate::cache::{KvCache, LayerCache};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
 use crate::layers::{Embedding, Linear, Mlp, RmsNorm};
@@ -25,11 +26,33 @@ impl Attention {
     /// # Shapes
     /// `x: [batch, seq, hidden]` -> same
     pub fn forward(&self, x: Tensor<3>, ctx: &Context) -> Tensor<3> {
+        self.forward_with(x, ctx, None)
+    }
+
+    /// [`Attention::forward`] for new positions whose keys and values join those in `cache`:
+    /// `ctx` covers the new positions (its mask is `[batch, 1, seq, cached + seq]`, see
+    /// [`Context::with_offset`]) and `cache` grows by `seq`.
+    pub fn forward_cached(&self, x: Tensor<3>, ctx: &Context, cache: &mut LayerCache) -> Tensor<3> {
+        self.forward_with(x, ctx, Some(cache))
+    }
+
+    /// The one attention: with a cache, the new keys and values are appended to the cached ones
+    /// (before the kv heads are repeated) and the queries attend to all of them.
+    fn forward_with(
+        &self,
+        x: Tensor<3>,
+        ctx: &Context,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, self.head_dim]).swap_dims(1, 2);
         let q = ctx.rotate(heads(self.q_proj.forward(x.clone()), self.num_heads));
         let k = ctx.rotate(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
         let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v),
+            None => (k, v),
+        };
         let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
 
         // Scores and softmax in f32, as HF's eager attention; masked scores get f32::MIN, so a row
@@ -111,7 +134,23 @@ impl DecoderLayer {
     }
 
     pub fn forward(&self, x: Tensor<3>, ctx: &Context) -> Tensor<3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), ctx);
+        self.forward_with(x, ctx, None)
+    }
+
+    /// [`DecoderLayer::forward`] with this block's keys and values kept in `cache`
+    /// (see [`Attention::forward_cached`]).
+    pub fn forward_cached(&self, x: Tensor<3>, ctx: &Context, cache: &mut LayerCache) -> Tensor<3> {
+        self.forward_with(x, ctx, Some(cache))
+    }
+
+    fn forward_with(
+        &self,
+        x: Tensor<3>,
+        ctx: &Context,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
+        let normed = self.input_layernorm.forward(x.clone());
+        let h = x + self.self_attn.forward_with(normed, ctx, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -137,7 +176,8 @@ pub struct Context {
     /// `[seq, head_dim]`, in the compute dtype.
     pub cos: Tensor<2>,
     pub sin: Tensor<2>,
-    /// `[batch, 1, seq, seq]`, true where a query may not attend to a key (future or padding).
+    /// `[batch, 1, seq, past + seq]`, true where a query may not attend to a key (future or
+    /// padding); `past` is 0 without a cache.
     pub mask: Tensor<4, Bool>,
 }
 
@@ -152,30 +192,48 @@ impl Context {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        Self::with_offset(config, batch, 0, seq, attention_mask, device, dtype)
+    }
+
+    /// The context of `seq` new positions after `past` cached ones, for
+    /// [`Llama::forward_cached`]: positions `past..past + seq` in every row, and a mask
+    /// `[batch, 1, seq, past + seq]` over the cached and new keys. `attention_mask` is
+    /// `[batch, past + seq]` (1 for real tokens, 0 for padding) and covers the cached positions
+    /// too. With `past = 0` this is [`Context::new`].
+    pub fn with_offset(
+        config: &LlamaConfig,
+        batch: usize,
+        past: usize,
+        seq: usize,
+        attention_mask: Option<&[i64]>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let total = past + seq;
         if let Some(m) = attention_mask
-            && m.len() != batch * seq
+            && m.len() != batch * total
         {
             return Err(ModelError::Input(format!(
-                "attention_mask has {} values, input_ids is {batch}x{seq}",
+                "attention_mask has {} values, expected {batch}x{total} ({past} cached + {seq} new positions)",
                 m.len()
             )));
         }
-        let (cos, sin) = rope_tables(config, seq);
+        let (cos, sin) = rope_tables(config, past, seq);
         let d = config.head_dim;
         let table = |v: Vec<f32>| {
             Tensor::<2>::from_data(TensorData::new(v, [seq, d]), (device, DType::F32)).cast(dtype)
         };
-        let mut mask = vec![false; batch * seq * seq];
+        let mut mask = vec![false; batch * seq * total];
         for b in 0..batch {
             for q in 0..seq {
-                for k in 0..seq {
-                    let padded = attention_mask.is_some_and(|m| m[b * seq + k] == 0);
-                    mask[(b * seq + q) * seq + k] = k > q || padded;
+                for k in 0..total {
+                    let padded = attention_mask.is_some_and(|m| m[b * total + k] == 0);
+                    mask[(b * seq + q) * total + k] = k > past + q || padded;
                 }
             }
         }
         let mask =
-            Tensor::<4, Bool>::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device);
+            Tensor::<4, Bool>::from_data(TensorData::new(mask, [batch, 1, seq, total]), device);
         Ok(Self {
             cos: table(cos),
             sin: table(sin),
@@ -196,8 +254,9 @@ impl Context {
     }
 }
 
-/// `cos` and `sin` of `position · inv_freq`, `[seq, head_dim]` row-major, in f32 as HF computes them.
-fn rope_tables(config: &LlamaConfig, seq: usize) -> (Vec<f32>, Vec<f32>) {
+/// `cos` and `sin` of `position · inv_freq` for positions `start..start + seq`, `[seq, head_dim]`
+/// row-major, in f32 as HF computes them.
+fn rope_tables(config: &LlamaConfig, start: usize, seq: usize) -> (Vec<f32>, Vec<f32>) {
     let d = config.head_dim;
     let theta = config.rope_theta as f32;
     let mut inv_freq: Vec<f32> = (0..d / 2)
@@ -227,7 +286,7 @@ fn rope_tables(config: &LlamaConfig, seq: usize) -> (Vec<f32>, Vec<f32>) {
         }
     }
     let (mut cos, mut sin) = (Vec::with_capacity(seq * d), Vec::with_capacity(seq * d));
-    for pos in 0..seq {
+    for pos in start..start + seq {
         // HF's `emb = cat(freqs, freqs)`: both halves of a row use the same frequencies.
         for _ in 0..2 {
             for &f in &inv_freq {
@@ -282,6 +341,76 @@ impl Llama {
             .iter()
             .fold(h, |h, layer| layer.forward(h, ctx));
         self.head(h)
+    }
+
+    /// Logits `[batch, seq, vocab]` for `seq` new positions after the `cache.len()` cached ones,
+    /// whose keys and values are appended to `cache`: a prefill of whole (left-padded) prompts,
+    /// then one-token steps. `attention_mask` is `[batch, seq]` for the new tokens (1 real,
+    /// 0 padding; `None` = all real); the cache remembers it for later steps. Positions continue
+    /// from the cached length in every row, as [`Context::new`] numbers a padded batch, so the
+    /// logits equal those of [`Llama::forward`] on the whole sequence.
+    pub fn forward_cached(
+        &self,
+        ids: Tensor<2, Int>,
+        attention_mask: Option<&[i64]>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor<3>> {
+        let [batch, seq] = ids.dims();
+        if batch != cache.batch {
+            return Err(ModelError::Input(format!(
+                "input_ids has batch {batch}, the cache was made for {}",
+                cache.batch
+            )));
+        }
+        if cache.layers.len() != self.model.layers.len() {
+            return Err(ModelError::Input(format!(
+                "the cache has {} layers, the model {}",
+                cache.layers.len(),
+                self.model.layers.len()
+            )));
+        }
+        if let Some(m) = attention_mask
+            && m.len() != batch * seq
+        {
+            return Err(ModelError::Input(format!(
+                "attention_mask has {} values, input_ids is {batch}x{seq}",
+                m.len()
+            )));
+        }
+        let past = cache.len;
+        let total = past + seq;
+        let padded = cache.padding.is_some() || attention_mask.is_some_and(|m| m.contains(&0));
+        let full_mask: Option<Vec<i64>> = padded.then(|| {
+            let mut full = Vec::with_capacity(batch * total);
+            for b in 0..batch {
+                match &cache.padding {
+                    Some(p) => full.extend_from_slice(&p[b * past..(b + 1) * past]),
+                    None => full.extend(std::iter::repeat_n(1, past)),
+                }
+                match attention_mask {
+                    Some(m) => full.extend_from_slice(&m[b * seq..(b + 1) * seq]),
+                    None => full.extend(std::iter::repeat_n(1, seq)),
+                }
+            }
+            full
+        });
+        let device = ids.device();
+        let ctx = Context::with_offset(
+            &cache.config,
+            batch,
+            past,
+            seq,
+            full_mask.as_deref(),
+            &device,
+            self.dtype(),
+        )?;
+        let mut h = self.embed(ids);
+        for (layer, layer_cache) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
+            h = layer.forward_cached(h, &ctx, layer_cache);
+        }
+        cache.len = total;
+        cache.padding = full_mask;
+        Ok(self.head(h))
     }
 
     /// The embedding unit.
