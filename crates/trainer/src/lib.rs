@@ -1,1 +1,22 @@
+//! kiln-trainer: the foundation of the `kiln` binary.
+//!
+//! - [`config`]: the TOML job ([`config::TrainConfig`]) with `--set key=value` overrides;
+//! - [`data`]: tokenizers, examples with masked labels (addition, text, JSONL), a deterministic
+//!   resumable stream of global batches and its per-rank slices;
+//! - [`schedule`]: warmup + cosine learning rate;
+//! - [`metrics`]: `metrics.jsonl` and the progress line;
+//! - [`plot`]: the loss chart as SVG;
+//! - [`cli`]: the command-line definitions.
+//!
+//! Every fallible function returns [`Result`] with a [`TrainerError`] naming the file, line,
+//! key or field at fault; nothing here panics on bad input.
 
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod metrics;
+pub mod plot;
+pub mod schedule;
+
+pub use error::{Result, TrainerError};

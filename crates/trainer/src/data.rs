@@ -1,0 +1,1213 @@
+//! Data: tokenizers, examples with masked labels, the three tasks, and a deterministic,
+//! resumable, shardable stream of global batches.
+//!
+//! # Labels
+//! An [`Example`] holds `ids` and `labels` of the same length (`seq_len`). `labels` are the ids
+//! themselves, with [`IGNORE_INDEX`] (-100) where a token must not be learned (prompt tokens,
+//! padding), exactly as `kiln_models::causal_lm_loss_sum` expects: position `t` predicts
+//! `labels[t + 1]`. Rows are right-padded, so with a causal mask the padding never influences a
+//! counted position and no attention mask is needed for training.
+//!
+//! # Determinism
+//! Every rank builds the same [`Dataset`] from the same config and seed and calls
+//! [`Dataset::global_batch`] with the same [`DataPosition`], so all ranks see the same global
+//! batch; [`rank_slice`] then picks each rank's rows and [`micro_batches`] cuts them.
+//! The position is saved in checkpoints so a resumed run continues at the exact row.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+pub use kiln_models::IGNORE_INDEX;
+
+use crate::config::{DataConfig, Task, TokenizerSpec};
+use crate::error::{Result, TrainerError};
+
+/// Vocabulary of [`Tokenizer::Byte`]: 256 bytes and BOS, EOS, PAD.
+pub const BYTE_VOCAB_SIZE: usize = 259;
+/// Byte tokenizer: beginning of sequence.
+pub const BYTE_BOS: i64 = 256;
+/// Byte tokenizer: end of sequence.
+pub const BYTE_EOS: i64 = 257;
+/// Byte tokenizer: padding.
+pub const BYTE_PAD: i64 = 258;
+
+/// A tokenizer: the built-in byte tokenizer or a Hugging Face `tokenizer.json`.
+///
+/// Ids are `i64`, as burn's `Int` tensors and the labels. Special tokens are never produced by
+/// [`encode`](Tokenizer::encode); examples add BOS/EOS/PAD themselves.
+#[derive(Debug, Clone)]
+pub enum Tokenizer {
+    /// UTF-8 bytes 0..=255, BOS 256, EOS 257, PAD 258.
+    Byte,
+    /// A Hugging Face tokenizer (cargo feature `hf-tokenizer`).
+    #[cfg(feature = "hf-tokenizer")]
+    Hf(Box<HfTokenizer>),
+}
+
+/// A Hugging Face tokenizer with its special tokens resolved.
+#[cfg(feature = "hf-tokenizer")]
+#[derive(Debug, Clone)]
+pub struct HfTokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+    bos: Option<u32>,
+    eos: u32,
+    pad: u32,
+}
+
+impl Tokenizer {
+    /// The tokenizer that `data.tokenizer` names.
+    pub fn from_spec(spec: &TokenizerSpec) -> Result<Self> {
+        match spec {
+            TokenizerSpec::Byte => Ok(Tokenizer::Byte),
+            TokenizerSpec::File(path) => Self::from_file(path),
+        }
+    }
+
+    /// Loads a Hugging Face `tokenizer.json` (or a folder holding one).
+    ///
+    /// Special tokens come from `tokenizer_config.json` next to it when present
+    /// (`bos_token`, `eos_token`, `pad_token`), else from well-known names (`<s>`, `</s>`,
+    /// `<|begin_of_text|>`, `<|end_of_text|>`, `<|endoftext|>`, `<pad>`, ...). PAD defaults to
+    /// EOS. A missing EOS is an error. Without the `hf-tokenizer` feature this is an error.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        #[cfg(feature = "hf-tokenizer")]
+        {
+            HfTokenizer::load(path).map(|t| Tokenizer::Hf(Box::new(t)))
+        }
+        #[cfg(not(feature = "hf-tokenizer"))]
+        {
+            Err(TrainerError::Tokenizer {
+                path: path.into(),
+                reason: "this kiln was built without Hugging Face tokenizers; rebuild with \
+                         `--features hf-tokenizer`, or use data.tokenizer = \"byte\""
+                    .into(),
+            })
+        }
+    }
+
+    /// Token ids of `text`, without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        match self {
+            Tokenizer::Byte => Ok(text.bytes().map(i64::from).collect()),
+            #[cfg(feature = "hf-tokenizer")]
+            Tokenizer::Hf(t) => t.encode(text),
+        }
+    }
+
+    /// Text of `ids`; special tokens and ids outside the vocabulary are skipped (invalid UTF-8
+    /// from the byte tokenizer is replaced by U+FFFD).
+    pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        match self {
+            Tokenizer::Byte => {
+                let bytes: Vec<u8> = ids.iter().filter_map(|&id| u8::try_from(id).ok()).collect();
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
+            #[cfg(feature = "hf-tokenizer")]
+            Tokenizer::Hf(t) => t.decode(ids),
+        }
+    }
+
+    /// Number of ids (the model's `vocab_size` must be at least this).
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Byte => BYTE_VOCAB_SIZE,
+            #[cfg(feature = "hf-tokenizer")]
+            Tokenizer::Hf(t) => t.inner.get_vocab_size(true),
+        }
+    }
+
+    /// Beginning-of-sequence id, if the tokenizer has one.
+    pub fn bos(&self) -> Option<i64> {
+        match self {
+            Tokenizer::Byte => Some(BYTE_BOS),
+            #[cfg(feature = "hf-tokenizer")]
+            Tokenizer::Hf(t) => t.bos.map(i64::from),
+        }
+    }
+
+    /// End-of-sequence id.
+    pub fn eos(&self) -> i64 {
+        match self {
+            Tokenizer::Byte => BYTE_EOS,
+            #[cfg(feature = "hf-tokenizer")]
+            Tokenizer::Hf(t) => i64::from(t.eos),
+        }
+    }
+
+    /// Padding id (its labels are always [`IGNORE_INDEX`]).
+    pub fn pad(&self) -> i64 {
+        match self {
+            Tokenizer::Byte => BYTE_PAD,
+            #[cfg(feature = "hf-tokenizer")]
+            Tokenizer::Hf(t) => i64::from(t.pad),
+        }
+    }
+}
+
+#[cfg(feature = "hf-tokenizer")]
+impl HfTokenizer {
+    fn load(path: &Path) -> Result<Self> {
+        let file = if path.is_dir() {
+            path.join("tokenizer.json")
+        } else {
+            path.to_path_buf()
+        };
+        let err = |reason: String| TrainerError::Tokenizer {
+            path: file.clone(),
+            reason,
+        };
+        if !file.is_file() {
+            return Err(err("no such file".into()));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| err(e.to_string()))?;
+        let config = file.with_file_name("tokenizer_config.json");
+        let named = if config.is_file() {
+            let text =
+                std::fs::read_to_string(&config).map_err(|e| TrainerError::io(&config, e))?;
+            let json: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| TrainerError::Tokenizer {
+                    path: config.clone(),
+                    reason: e.to_string(),
+                })?;
+            let token = |key: &str| -> Option<String> {
+                match json.get(key)? {
+                    serde_json::Value::String(s) => Some(s.clone()),
+                    serde_json::Value::Object(o) => o.get("content")?.as_str().map(String::from),
+                    _ => None,
+                }
+            };
+            [token("bos_token"), token("eos_token"), token("pad_token")]
+        } else {
+            [None, None, None]
+        };
+        let find = |configured: &Option<String>, known: &[&str]| -> Option<u32> {
+            configured
+                .iter()
+                .map(String::as_str)
+                .chain(known.iter().copied())
+                .find_map(|t| inner.token_to_id(t))
+        };
+        let bos = find(&named[0], &["<|begin_of_text|>", "<s>", "<bos>", "[CLS]"]);
+        let eos = find(
+            &named[1],
+            &[
+                "<|end_of_text|>",
+                "</s>",
+                "<eos>",
+                "<|endoftext|>",
+                "<|im_end|>",
+                "[SEP]",
+            ],
+        )
+        .ok_or_else(|| {
+            err(
+                "no end-of-sequence token (eos_token in tokenizer_config.json, or </s>, \
+                 <|end_of_text|>, <|endoftext|>, <eos>)"
+                    .into(),
+            )
+        })?;
+        let pad = find(&named[2], &["<pad>", "<|pad|>", "[PAD]"]).unwrap_or(eos);
+        Ok(Self {
+            inner,
+            path: file,
+            bos,
+            eos,
+            pad,
+        })
+    }
+
+    fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| TrainerError::Tokenizer {
+                path: self.path.clone(),
+                reason: format!("encode: {e}"),
+            })?;
+        Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
+    }
+
+    fn decode(&self, ids: &[i64]) -> Result<String> {
+        let ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
+        self.inner
+            .decode(&ids, true)
+            .map_err(|e| TrainerError::Tokenizer {
+                path: self.path.clone(),
+                reason: format!("decode: {e}"),
+            })
+    }
+}
+
+/// One row: `ids` and `labels`, both `seq_len` long (see the module docs for the convention).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Example {
+    pub ids: Vec<i64>,
+    pub labels: Vec<i64>,
+}
+
+impl Example {
+    /// `[BOS] prompt response EOS`, labels masking BOS and the prompt, truncated to `seq_len`
+    /// (keeping the start) and right-padded. Returns whether it was truncated.
+    pub fn supervised(
+        prompt: &[i64],
+        response: &[i64],
+        tokenizer: &Tokenizer,
+        seq_len: usize,
+    ) -> (Example, bool) {
+        let mut ids = Vec::with_capacity(seq_len);
+        let mut labels = Vec::with_capacity(seq_len);
+        if let Some(bos) = tokenizer.bos() {
+            ids.push(bos);
+            labels.push(IGNORE_INDEX);
+        }
+        ids.extend_from_slice(prompt);
+        labels.extend(std::iter::repeat_n(IGNORE_INDEX, prompt.len()));
+        ids.extend_from_slice(response);
+        labels.extend_from_slice(response);
+        ids.push(tokenizer.eos());
+        labels.push(tokenizer.eos());
+        let truncated = ids.len() > seq_len;
+        ids.truncate(seq_len);
+        labels.truncate(seq_len);
+        ids.resize(seq_len, tokenizer.pad());
+        labels.resize(seq_len, IGNORE_INDEX);
+        (Example { ids, labels }, truncated)
+    }
+
+    /// Tokens that count in the loss: positions `t >= 1` with `labels[t] != -100`.
+    pub fn target_tokens(&self) -> usize {
+        self.labels
+            .iter()
+            .skip(1)
+            .filter(|&&l| l != IGNORE_INDEX)
+            .count()
+    }
+}
+
+/// Rows stacked for a model call: `ids` and `labels` flattened row-major, `[batch, seq_len]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub ids: Vec<i64>,
+    pub labels: Vec<i64>,
+    pub batch: usize,
+    pub seq_len: usize,
+}
+
+/// Stacks rows of equal length into a [`Batch`] (for `Tensor::<2, Int>::from_data`).
+pub fn collate(rows: &[Example]) -> Result<Batch> {
+    let seq_len = rows.first().map_or(0, |r| r.ids.len());
+    let mut ids = Vec::with_capacity(rows.len() * seq_len);
+    let mut labels = Vec::with_capacity(rows.len() * seq_len);
+    for (i, r) in rows.iter().enumerate() {
+        if r.ids.len() != seq_len || r.labels.len() != seq_len {
+            return Err(TrainerError::Argument(format!(
+                "collate: row {i} has {} ids and {} labels, row 0 has {seq_len}",
+                r.ids.len(),
+                r.labels.len()
+            )));
+        }
+        ids.extend_from_slice(&r.ids);
+        labels.extend_from_slice(&r.labels);
+    }
+    Ok(Batch {
+        ids,
+        labels,
+        batch: rows.len(),
+        seq_len,
+    })
+}
+
+/// splitmix64's output function: a well-mixed 64-bit hash of `x`.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// A uniform index in `0..n` from a 64-bit random value (`n > 0`).
+fn below(r: u64, n: u64) -> u64 {
+    ((u128::from(r) * u128::from(n)) >> 64) as u64
+}
+
+const TRAIN_SALT: u64 = 0x7472_6169_6e00_0001;
+const EVAL_SALT: u64 = 0x6576_616c_0000_0002;
+const SPLIT_SALT: u64 = 0x7370_6c69_7400_0003;
+const SHUFFLE_SALT: u64 = 0x7368_7566_0000_0004;
+
+/// Synthetic addition: `"123+45="` -> `"168"` + EOS, operands uniform in `[0, 10^digits)`.
+///
+/// Pairs whose hash (independent of the seed) is 0 mod 10 are held out: they appear only in
+/// [`eval_pairs`](Self::eval_pairs), never in [`train_pair`](Self::train_pair).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdditionTask {
+    pub digits: u32,
+    pub seed: u64,
+}
+
+impl AdditionTask {
+    /// `digits` in 1..=9.
+    pub fn new(digits: u32, seed: u64) -> Result<Self> {
+        if !(1..=9).contains(&digits) {
+            return Err(TrainerError::invalid(
+                "data.digits",
+                format!("{digits} must be in 1..=9"),
+            ));
+        }
+        Ok(Self { digits, seed })
+    }
+
+    /// `10^digits`: operands are below it.
+    pub fn modulus(&self) -> u64 {
+        10u64.pow(self.digits)
+    }
+
+    /// Whether `(a, b)` belongs to the held-out evaluation set.
+    pub fn is_eval_pair(a: u64, b: u64) -> bool {
+        splitmix64(splitmix64(a ^ EVAL_SALT) ^ b).is_multiple_of(10)
+    }
+
+    /// The `i`-th training pair: a deterministic function of `(seed, i)`, never an eval pair.
+    pub fn train_pair(&self, i: u64) -> (u64, u64) {
+        let m = self.modulus();
+        let mut r = splitmix64(splitmix64(self.seed ^ TRAIN_SALT) ^ i);
+        loop {
+            let a = below(r, m);
+            let b = below(splitmix64(r), m);
+            if !Self::is_eval_pair(a, b) {
+                return (a, b);
+            }
+            r = splitmix64(r ^ 0xA5A5_A5A5_A5A5_A5A5);
+        }
+    }
+
+    /// Up to `n` distinct held-out pairs (fewer only when fewer exist, e.g. 1 digit), in a
+    /// deterministic order that depends on the seed.
+    pub fn eval_pairs(&self, n: usize) -> Vec<(u64, u64)> {
+        let m = self.modulus();
+        let mut rng = splitmix64(self.seed ^ SHUFFLE_SALT);
+        let mut next = || {
+            rng = splitmix64(rng);
+            rng
+        };
+        if m * m <= 1 << 20 {
+            let mut all: Vec<(u64, u64)> = (0..m)
+                .flat_map(|a| (0..m).map(move |b| (a, b)))
+                .filter(|&(a, b)| Self::is_eval_pair(a, b))
+                .collect();
+            shuffle(&mut all, &mut next);
+            all.truncate(n);
+            return all;
+        }
+        let mut seen = HashSet::with_capacity(n);
+        let mut out = Vec::with_capacity(n);
+        // Held-out pairs are 10% of at least 2^20: n draws succeed quickly; the cap only
+        // guarantees termination.
+        for _ in 0..(100 * n as u64 + 1000) {
+            if out.len() == n {
+                break;
+            }
+            let (a, b) = (below(next(), m), below(next(), m));
+            if Self::is_eval_pair(a, b) && seen.insert((a, b)) {
+                out.push((a, b));
+            }
+        }
+        out
+    }
+
+    /// The prompt text `"a+b="` (BOS is added as a token by [`example`](Self::example)).
+    pub fn prompt(a: u64, b: u64) -> String {
+        format!("{a}+{b}=")
+    }
+
+    /// The expected answer text, `a + b` in decimal.
+    pub fn answer(a: u64, b: u64) -> String {
+        (a + b).to_string()
+    }
+
+    /// Whether a generated continuation (the text after the prompt, specials removed) answers
+    /// `a + b`: its leading run of digits, after leading whitespace, equals the sum.
+    pub fn exact_match(generated: &str, a: u64, b: u64) -> bool {
+        let s = generated.trim_start();
+        let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        end > 0 && s[..end] == Self::answer(a, b)
+    }
+
+    /// The training/eval row for `(a, b)`: loss on the answer digits and EOS only.
+    pub fn example(
+        &self,
+        a: u64,
+        b: u64,
+        tokenizer: &Tokenizer,
+        seq_len: usize,
+    ) -> Result<Example> {
+        let prompt = tokenizer.encode(&Self::prompt(a, b))?;
+        let answer = tokenizer.encode(&Self::answer(a, b))?;
+        let (example, truncated) = Example::supervised(&prompt, &answer, tokenizer, seq_len);
+        if truncated {
+            return Err(TrainerError::invalid(
+                "data.seq_len",
+                format!(
+                    "{seq_len} is too short for `{}{}` and its special tokens",
+                    Self::prompt(a, b),
+                    Self::answer(a, b)
+                ),
+            ));
+        }
+        Ok(example)
+    }
+}
+
+/// Fisher-Yates with the given source of random u64.
+fn shuffle<T>(v: &mut [T], next: &mut impl FnMut() -> u64) {
+    for i in (1..v.len()).rev() {
+        let j = below(next(), i as u64 + 1) as usize;
+        v.swap(i, j);
+    }
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+    if text.trim().is_empty() {
+        return Err(TrainerError::Data {
+            path: path.into(),
+            reason: "empty file".into(),
+        });
+    }
+    Ok(text)
+}
+
+/// Text files packed into rows: each file's tokens followed by EOS, all concatenated and cut
+/// into rows of `seq_len` with `labels = ids`. The last partial row is padded (labels -100).
+pub fn pack_text(paths: &[PathBuf], tokenizer: &Tokenizer, seq_len: usize) -> Result<Vec<Example>> {
+    if seq_len == 0 {
+        return Err(TrainerError::invalid("data.seq_len", "must be positive"));
+    }
+    let mut stream = Vec::new();
+    for path in paths {
+        stream.extend(tokenizer.encode(&read_text(path)?)?);
+        stream.push(tokenizer.eos());
+    }
+    Ok(stream
+        .chunks(seq_len)
+        .map(|chunk| {
+            let mut ids = chunk.to_vec();
+            let mut labels = chunk.to_vec();
+            ids.resize(seq_len, tokenizer.pad());
+            labels.resize(seq_len, IGNORE_INDEX);
+            Example { ids, labels }
+        })
+        .collect())
+}
+
+/// Prompt/response pairs from JSON Lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JsonlData {
+    /// One row per record, in file order.
+    pub examples: Vec<Example>,
+    /// Records cut at `seq_len`.
+    pub truncated: usize,
+}
+
+/// Reads JSON Lines files: one object per line with string fields `prompt` and `response`
+/// (other fields are ignored; blank lines are skipped). Each record is
+/// `[BOS] prompt response EOS` with the loss on `response EOS`, truncated to `seq_len` and
+/// padded. Errors name `file:line` (invalid JSON, not an object, a missing or non-string
+/// field) or the file (no records).
+pub fn load_jsonl(paths: &[PathBuf], tokenizer: &Tokenizer, seq_len: usize) -> Result<JsonlData> {
+    let mut examples = Vec::new();
+    let mut truncated = 0;
+    for path in paths {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+        let before = examples.len();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let bad = |reason: String| TrainerError::DataLine {
+                path: path.clone(),
+                line: i + 1,
+                reason,
+            };
+            let value: serde_json::Value =
+                serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+            let obj = value
+                .as_object()
+                .ok_or_else(|| bad("expected a JSON object with prompt and response".into()))?;
+            let field = |name: &str| -> Result<&str> {
+                match obj.get(name) {
+                    None => Err(bad(format!("missing field `{name}`"))),
+                    Some(serde_json::Value::String(s)) => Ok(s),
+                    Some(_) => Err(bad(format!("field `{name}` must be a string"))),
+                }
+            };
+            let prompt = tokenizer.encode(field("prompt")?)?;
+            let response = tokenizer.encode(field("response")?)?;
+            let (example, cut) = Example::supervised(&prompt, &response, tokenizer, seq_len);
+            truncated += usize::from(cut);
+            examples.push(example);
+        }
+        if examples.len() == before {
+            return Err(TrainerError::Data {
+                path: path.clone(),
+                reason: "no records (empty file)".into(),
+            });
+        }
+    }
+    Ok(JsonlData {
+        examples,
+        truncated,
+    })
+}
+
+/// Where the training stream is: row `cursor` of epoch `epoch` (saved in checkpoints).
+///
+/// For addition (an endless stream) `epoch` stays 0 and `cursor` counts rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DataPosition {
+    pub epoch: u64,
+    pub cursor: u64,
+}
+
+enum Source {
+    Addition(AdditionTask),
+    Rows(Vec<Example>),
+}
+
+/// The training rows (shuffled per epoch for files, an endless stream for addition) and the
+/// held-out evaluation rows.
+pub struct Dataset {
+    source: Source,
+    tokenizer: Tokenizer,
+    seq_len: usize,
+    seed: u64,
+    eval: Vec<Example>,
+    eval_pairs: Vec<(u64, u64)>,
+    truncated: usize,
+    permutation: Mutex<Option<(u64, Arc<Vec<u32>>)>>,
+}
+
+impl std::fmt::Debug for Dataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataset")
+            .field("rows_per_epoch", &self.rows_per_epoch())
+            .field("eval", &self.eval.len())
+            .field("seq_len", &self.seq_len)
+            .field("seed", &self.seed)
+            .field("truncated", &self.truncated)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dataset {
+    /// Builds the data of `config` (reading its files) with `tokenizer`; `seed` is
+    /// `train.seed`.
+    ///
+    /// Evaluation rows: for addition, `eval_examples` held-out pairs; for files,
+    /// `min(eval_examples, rows / 10)` rows picked by a fixed (seed-independent) shuffle and
+    /// removed from training.
+    pub fn new(config: &DataConfig, tokenizer: Tokenizer, seed: u64) -> Result<Self> {
+        let seq_len = config.seq_len;
+        let (source, eval, eval_pairs, truncated) = match config.task {
+            Task::Addition => {
+                let task = AdditionTask::new(config.digits, seed)?;
+                let pairs = task.eval_pairs(config.eval_examples);
+                let eval = pairs
+                    .iter()
+                    .map(|&(a, b)| task.example(a, b, &tokenizer, seq_len))
+                    .collect::<Result<Vec<_>>>()?;
+                // Checks seq_len against the longest training prompt too.
+                let m = task.modulus();
+                task.example(m - 1, m - 1, &tokenizer, seq_len)?;
+                (Source::Addition(task), eval, pairs, 0)
+            }
+            Task::Text | Task::Jsonl => {
+                if config.paths.is_empty() {
+                    return Err(TrainerError::invalid(
+                        "data.paths",
+                        "needs at least one file",
+                    ));
+                }
+                let (rows, truncated) = if config.task == Task::Text {
+                    (pack_text(&config.paths, &tokenizer, seq_len)?, 0)
+                } else {
+                    let j = load_jsonl(&config.paths, &tokenizer, seq_len)?;
+                    (j.examples, j.truncated)
+                };
+                let (train, eval) = split_eval(rows, config.eval_examples);
+                if train.is_empty() {
+                    return Err(TrainerError::Data {
+                        path: config.paths[0].clone(),
+                        reason: "no training rows".into(),
+                    });
+                }
+                if train.len() > u32::MAX as usize {
+                    return Err(TrainerError::Data {
+                        path: config.paths[0].clone(),
+                        reason: format!("{} rows: at most 2^32 - 1 are supported", train.len()),
+                    });
+                }
+                (Source::Rows(train), eval, Vec::new(), truncated)
+            }
+        };
+        Ok(Self {
+            source,
+            tokenizer,
+            seq_len,
+            seed,
+            eval,
+            eval_pairs,
+            truncated,
+            permutation: Mutex::new(None),
+        })
+    }
+
+    /// A dataset over given rows (shuffled per epoch with `seed`) and evaluation rows.
+    pub fn from_rows(
+        rows: Vec<Example>,
+        eval: Vec<Example>,
+        tokenizer: Tokenizer,
+        seed: u64,
+    ) -> Result<Self> {
+        let seq_len = rows.first().map_or(0, |r| r.ids.len());
+        if rows.is_empty() || rows.len() > u32::MAX as usize {
+            return Err(TrainerError::Argument(format!(
+                "Dataset::from_rows: {} rows (need 1..2^32)",
+                rows.len()
+            )));
+        }
+        Ok(Self {
+            source: Source::Rows(rows),
+            tokenizer,
+            seq_len,
+            seed,
+            eval,
+            eval_pairs: Vec::new(),
+            truncated: 0,
+            permutation: Mutex::new(None),
+        })
+    }
+
+    /// The tokenizer the rows were made with.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Tokens per row.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
+    }
+
+    /// Training rows per epoch; `None` for the endless addition stream.
+    pub fn rows_per_epoch(&self) -> Option<u64> {
+        match &self.source {
+            Source::Addition(_) => None,
+            Source::Rows(rows) => Some(rows.len() as u64),
+        }
+    }
+
+    /// The addition task, when that is the data.
+    pub fn addition(&self) -> Option<&AdditionTask> {
+        match &self.source {
+            Source::Addition(task) => Some(task),
+            Source::Rows(_) => None,
+        }
+    }
+
+    /// Held-out rows for the evaluation loss.
+    pub fn eval(&self) -> &[Example] {
+        &self.eval
+    }
+
+    /// For addition: the `(a, b)` of each [`eval`](Self::eval) row, for exact-match accuracy
+    /// by generation; empty otherwise.
+    pub fn eval_pairs(&self) -> &[(u64, u64)] {
+        &self.eval_pairs
+    }
+
+    /// JSONL records cut at `seq_len` (train and eval).
+    pub fn truncated(&self) -> usize {
+        self.truncated
+    }
+
+    /// The position after `rows` training rows from the start.
+    pub fn position_after(&self, rows: u64) -> DataPosition {
+        match self.rows_per_epoch() {
+            None => DataPosition {
+                epoch: 0,
+                cursor: rows,
+            },
+            Some(n) => DataPosition {
+                epoch: rows / n,
+                cursor: rows % n,
+            },
+        }
+    }
+
+    /// The training row at `pos`.
+    pub fn row(&self, pos: DataPosition) -> Result<Example> {
+        match &self.source {
+            Source::Addition(task) => {
+                let (a, b) = task.train_pair(pos.cursor);
+                task.example(a, b, &self.tokenizer, self.seq_len)
+            }
+            Source::Rows(rows) => {
+                let n = rows.len() as u64;
+                if pos.cursor >= n {
+                    return Err(TrainerError::Argument(format!(
+                        "data position cursor {} is past the {n} training rows of an epoch \
+                         (did the data change since the checkpoint?)",
+                        pos.cursor
+                    )));
+                }
+                let perm = self.epoch_permutation(pos.epoch, rows.len());
+                Ok(rows[perm[pos.cursor as usize] as usize].clone())
+            }
+        }
+    }
+
+    /// The next `rows` training rows from `pos`, advancing it (across epochs as needed).
+    /// Every rank calling this with the same position gets the same rows.
+    pub fn global_batch(&self, pos: &mut DataPosition, rows: usize) -> Result<Vec<Example>> {
+        let mut out = Vec::with_capacity(rows);
+        for _ in 0..rows {
+            out.push(self.row(*pos)?);
+            pos.cursor += 1;
+            if let Some(n) = self.rows_per_epoch()
+                && pos.cursor >= n
+            {
+                pos.epoch += 1;
+                pos.cursor = 0;
+            }
+        }
+        Ok(out)
+    }
+
+    fn epoch_permutation(&self, epoch: u64, n: usize) -> Arc<Vec<u32>> {
+        let mut cache = self
+            .permutation
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((e, perm)) = cache.as_ref()
+            && *e == epoch
+            && perm.len() == n
+        {
+            return perm.clone();
+        }
+        let mut perm: Vec<u32> = (0..n as u32).collect();
+        let mut rng = splitmix64(splitmix64(self.seed ^ SHUFFLE_SALT) ^ epoch);
+        shuffle(&mut perm, &mut || {
+            rng = splitmix64(rng);
+            rng
+        });
+        let perm = Arc::new(perm);
+        *cache = Some((epoch, perm.clone()));
+        perm
+    }
+}
+
+/// Splits rows into (train, eval) with a fixed shuffle: `min(eval_examples, len / 10)` eval rows.
+fn split_eval(rows: Vec<Example>, eval_examples: usize) -> (Vec<Example>, Vec<Example>) {
+    let k = eval_examples.min(rows.len() / 10);
+    let mut order: Vec<usize> = (0..rows.len()).collect();
+    let mut rng = SPLIT_SALT;
+    shuffle(&mut order, &mut || {
+        rng = splitmix64(rng);
+        rng
+    });
+    let mut is_eval = vec![false; rows.len()];
+    for &i in &order[..k] {
+        is_eval[i] = true;
+    }
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for (row, e) in rows.into_iter().zip(is_eval) {
+        if e { eval.push(row) } else { train.push(row) }
+    }
+    (train, eval)
+}
+
+/// Rank `rank`'s rows of a global batch: `[rank·B/N, (rank+1)·B/N)` for `B` rows and `N` ranks,
+/// so the ranks together cover every row exactly once.
+pub fn rank_slice<T>(rows: &[T], rank: usize, world: usize) -> Result<&[T]> {
+    if world == 0 || rank >= world {
+        return Err(TrainerError::Argument(format!(
+            "rank_slice: rank {rank} is not in a world of {world}"
+        )));
+    }
+    let b = rows.len();
+    Ok(&rows[rank * b / world..(rank + 1) * b / world])
+}
+
+/// Consecutive micro-batches of `micro` rows (the last one shorter when `micro` does not divide).
+pub fn micro_batches<T>(rows: &[T], micro: usize) -> Result<Vec<&[T]>> {
+    if micro == 0 {
+        return Err(TrainerError::Argument(
+            "micro_batches: a micro-batch must hold at least 1 row (train.micro_batch)".into(),
+        ));
+    }
+    Ok(rows.chunks(micro).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("kiln-data-test-{}-{name}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn addition_config(digits: u32) -> DataConfig {
+        DataConfig {
+            digits,
+            ..DataConfig::default()
+        }
+    }
+
+    #[test]
+    fn byte_tokenizer_round_trips() {
+        let t = Tokenizer::Byte;
+        let ids = t.encode("héllo 1+2=").unwrap();
+        assert_eq!(ids.len(), "héllo 1+2=".len());
+        let mut with_specials = vec![BYTE_BOS];
+        with_specials.extend(&ids);
+        with_specials.extend([BYTE_EOS, BYTE_PAD, -100]);
+        assert_eq!(t.decode(&with_specials).unwrap(), "héllo 1+2=");
+        assert_eq!(t.vocab_size(), 259);
+        assert_eq!((t.bos(), t.eos(), t.pad()), (Some(256), 257, 258));
+    }
+
+    #[cfg(not(feature = "hf-tokenizer"))]
+    #[test]
+    fn hf_tokenizer_needs_the_feature() {
+        let e = Tokenizer::from_spec(&TokenizerSpec::File("tok.json".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tok.json") && e.contains("hf-tokenizer"), "{e}");
+    }
+
+    #[test]
+    fn addition_example_masks_the_prompt() {
+        let task = AdditionTask::new(3, 0).unwrap();
+        let t = Tokenizer::Byte;
+        let ex = task.example(123, 45, &t, 16).unwrap();
+        let text: Vec<i64> = "123+45=".bytes().map(i64::from).collect();
+        assert_eq!(ex.ids[0], BYTE_BOS);
+        assert_eq!(&ex.ids[1..8], &text[..]);
+        assert_eq!(
+            &ex.ids[8..12],
+            &[b'1' as i64, b'6' as i64, b'8' as i64, BYTE_EOS]
+        );
+        assert!(ex.ids[12..].iter().all(|&i| i == BYTE_PAD));
+        assert!(ex.labels[..8].iter().all(|&l| l == IGNORE_INDEX));
+        assert_eq!(&ex.labels[8..12], &ex.ids[8..12]);
+        assert!(ex.labels[12..].iter().all(|&l| l == IGNORE_INDEX));
+        assert_eq!(ex.target_tokens(), 4);
+        assert_eq!(AdditionTask::prompt(123, 45), "123+45=");
+        assert_eq!(AdditionTask::answer(999, 999), "1998");
+        assert!(AdditionTask::exact_match("168", 123, 45));
+        assert!(AdditionTask::exact_match(" 168\n9+", 123, 45));
+        assert!(!AdditionTask::exact_match("1680", 123, 45));
+        assert!(!AdditionTask::exact_match("", 123, 45));
+        assert!(!AdditionTask::exact_match("x168", 123, 45));
+        assert!(task.example(999, 999, &t, 10).is_err());
+        assert!(AdditionTask::new(0, 0).is_err());
+    }
+
+    #[test]
+    fn addition_eval_is_disjoint_from_training() {
+        for digits in [1, 2, 3] {
+            let task = AdditionTask::new(digits, 7).unwrap();
+            let eval: HashSet<_> = task.eval_pairs(200).into_iter().collect();
+            assert!(!eval.is_empty());
+            assert!(eval.iter().all(|&(a, b)| AdditionTask::is_eval_pair(a, b)));
+            let m = task.modulus();
+            for i in 0..20_000 {
+                let (a, b) = task.train_pair(i);
+                assert!(a < m && b < m);
+                assert!(
+                    !eval.contains(&(a, b)),
+                    "{digits} digits: pair {i} = {a}+{b}"
+                );
+            }
+        }
+        let task = AdditionTask::new(3, 7).unwrap();
+        assert_eq!(task.eval_pairs(200).len(), 200);
+        assert_eq!(task.eval_pairs(200), task.eval_pairs(200));
+        // 1 digit: about 10 of the 100 pairs are held out.
+        let few = AdditionTask::new(1, 0).unwrap().eval_pairs(200);
+        assert!(!few.is_empty() && few.len() < 30, "{}", few.len());
+        // Large operands sample instead of enumerating.
+        let big = AdditionTask::new(6, 1).unwrap().eval_pairs(50);
+        assert_eq!(big.len(), 50);
+        // Training pairs are spread out: many distinct pairs, operands of every size.
+        let distinct: HashSet<_> = (0..1000).map(|i| task.train_pair(i)).collect();
+        assert!(distinct.len() > 990);
+    }
+
+    #[test]
+    fn addition_dataset() {
+        let d = Dataset::new(&addition_config(3), Tokenizer::Byte, 5).unwrap();
+        assert_eq!(d.rows_per_epoch(), None);
+        assert_eq!(d.eval().len(), 200);
+        assert_eq!(d.eval_pairs().len(), 200);
+        assert!(d.addition().is_some());
+        let mut pos = DataPosition::default();
+        let batch = d.global_batch(&mut pos, 32).unwrap();
+        assert_eq!(
+            pos,
+            DataPosition {
+                epoch: 0,
+                cursor: 32
+            }
+        );
+        assert!(
+            batch
+                .iter()
+                .all(|r| r.ids.len() == 32 && r.labels.len() == 32)
+        );
+        let short = DataConfig {
+            seq_len: 12,
+            ..addition_config(3)
+        };
+        let e = Dataset::new(&short, Tokenizer::Byte, 0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("data.seq_len"), "{e}");
+    }
+
+    #[test]
+    fn text_is_packed_with_eos_between_documents() {
+        let dir = temp_dir("text");
+        let a = write(&dir, "a.txt", "abcdefghij");
+        let b = write(&dir, "b.txt", "xyz");
+        let rows = pack_text(&[a.clone(), b.clone()], &Tokenizer::Byte, 8).unwrap();
+        let stream: Vec<i64> = "abcdefghij"
+            .bytes()
+            .map(i64::from)
+            .chain([BYTE_EOS])
+            .chain("xyz".bytes().map(i64::from))
+            .chain([BYTE_EOS])
+            .collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].ids, stream[..8]);
+        assert_eq!(rows[0].labels, rows[0].ids);
+        assert_eq!(&rows[1].ids[..7], &stream[8..]);
+        assert_eq!(rows[1].ids[7], BYTE_PAD);
+        assert_eq!(rows[1].labels[7], IGNORE_INDEX);
+
+        let empty = write(&dir, "empty.txt", " \n");
+        let e = pack_text(&[a, empty], &Tokenizer::Byte, 8)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("empty.txt") && e.contains("empty"), "{e}");
+        let e = pack_text(&[dir.join("missing.txt")], &Tokenizer::Byte, 8)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing.txt"), "{e}");
+    }
+
+    #[test]
+    fn jsonl_masks_prompts_truncates_and_pads() {
+        let dir = temp_dir("jsonl");
+        let p = write(
+            &dir,
+            "ok.jsonl",
+            "{\"prompt\": \"ab\", \"response\": \"cd\", \"id\": 1}\n\n{\"prompt\": \"0123456789\", \"response\": \"xyz\"}\n",
+        );
+        let data = load_jsonl(std::slice::from_ref(&p), &Tokenizer::Byte, 8).unwrap();
+        assert_eq!(data.examples.len(), 2);
+        assert_eq!(data.truncated, 1);
+        let ex = &data.examples[0];
+        let c = |ch: u8| i64::from(ch);
+        assert_eq!(
+            ex.ids,
+            vec![
+                BYTE_BOS,
+                c(b'a'),
+                c(b'b'),
+                c(b'c'),
+                c(b'd'),
+                BYTE_EOS,
+                BYTE_PAD,
+                BYTE_PAD
+            ]
+        );
+        assert_eq!(
+            ex.labels,
+            vec![-100, -100, -100, c(b'c'), c(b'd'), BYTE_EOS, -100, -100]
+        );
+        let cut = &data.examples[1];
+        assert_eq!(cut.ids.len(), 8);
+        assert!(cut.labels.iter().all(|&l| l == IGNORE_INDEX));
+    }
+
+    #[test]
+    fn malformed_jsonl_names_file_and_line() {
+        let dir = temp_dir("badjsonl");
+        let cases = [
+            (
+                "syntax.jsonl",
+                "{\"prompt\": \"a\", \"response\": \"b\"}\n{oops\n",
+                ":2: invalid JSON",
+            ),
+            (
+                "missing.jsonl",
+                "\n{\"prompt\": \"a\"}\n",
+                ":2: missing field `response`",
+            ),
+            (
+                "type.jsonl",
+                "{\"prompt\": 3, \"response\": \"b\"}\n",
+                ":1: field `prompt` must be a string",
+            ),
+            ("array.jsonl", "[1, 2]\n", ":1: expected a JSON object"),
+            ("empty.jsonl", "\n  \n", "no records"),
+        ];
+        for (name, text, expect) in cases {
+            let p = write(&dir, name, text);
+            let e = load_jsonl(&[p], &Tokenizer::Byte, 16)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(name) && e.contains(expect), "{name}: {e}");
+        }
+    }
+
+    fn file_dataset(seed: u64) -> Dataset {
+        let dir = temp_dir("files");
+        let text: String = (0..500).map(|i| format!("line {i}\n")).collect();
+        let p = write(&dir, "corpus.txt", &text);
+        let config = DataConfig {
+            task: Task::Text,
+            paths: vec![p],
+            seq_len: 16,
+            eval_examples: 5,
+            ..DataConfig::default()
+        };
+        Dataset::new(&config, Tokenizer::Byte, seed).unwrap()
+    }
+
+    #[test]
+    fn file_dataset_shuffles_each_epoch_and_covers_every_row() {
+        let d = file_dataset(3);
+        let n = d.rows_per_epoch().unwrap() as usize;
+        assert_eq!(d.eval().len(), 5);
+        let mut pos = DataPosition::default();
+        let epoch0 = d.global_batch(&mut pos, n).unwrap();
+        assert_eq!(
+            pos,
+            DataPosition {
+                epoch: 1,
+                cursor: 0
+            }
+        );
+        let epoch1 = d.global_batch(&mut pos, n).unwrap();
+        assert_ne!(epoch0, epoch1, "each epoch has its own order");
+        let set = |v: &[Example]| v.iter().map(|e| e.ids.clone()).collect::<HashSet<_>>();
+        assert_eq!(set(&epoch0), set(&epoch1));
+        // Eval rows are not trained on.
+        for e in d.eval() {
+            assert!(!epoch0.contains(e));
+        }
+        // Another seed, another order; the same seed, the same order.
+        let mut p = DataPosition::default();
+        assert_ne!(file_dataset(4).global_batch(&mut p, n).unwrap(), epoch0);
+        let mut p = DataPosition::default();
+        assert_eq!(file_dataset(3).global_batch(&mut p, n).unwrap(), epoch0);
+        let e = d
+            .row(DataPosition {
+                epoch: 0,
+                cursor: n as u64,
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("past the"), "{e}");
+    }
+
+    #[test]
+    fn resuming_at_a_position_gives_the_same_next_batch() {
+        for d in [
+            file_dataset(1),
+            Dataset::new(&addition_config(2), Tokenizer::Byte, 1).unwrap(),
+        ] {
+            let mut pos = DataPosition::default();
+            for _ in 0..7 {
+                d.global_batch(&mut pos, 13).unwrap();
+            }
+            let saved: DataPosition =
+                serde_json::from_str(&serde_json::to_string(&pos).unwrap()).unwrap();
+            assert_eq!(saved, d.position_after(7 * 13));
+            let expected = d.global_batch(&mut pos, 13).unwrap();
+            // A fresh dataset (a restarted process) at the saved position.
+            let fresh = if d.addition().is_some() {
+                Dataset::new(&addition_config(2), Tokenizer::Byte, 1).unwrap()
+            } else {
+                file_dataset(1)
+            };
+            let mut resumed = saved;
+            assert_eq!(fresh.global_batch(&mut resumed, 13).unwrap(), expected);
+            assert_eq!(resumed, pos);
+        }
+    }
+
+    #[test]
+    fn sharding_covers_every_row_once() {
+        for b in [0usize, 1, 5, 16, 32, 33] {
+            for world in 1..=5 {
+                let rows: Vec<usize> = (0..b).collect();
+                let mut seen = Vec::new();
+                for rank in 0..world {
+                    let slice = rank_slice(&rows, rank, world).unwrap();
+                    assert!(slice.len() == b / world || slice.len() == b / world + 1);
+                    for micro in micro_batches(slice, 3).unwrap() {
+                        assert!(!micro.is_empty() && micro.len() <= 3);
+                        seen.extend_from_slice(micro);
+                    }
+                }
+                assert_eq!(seen, rows, "b={b} world={world}");
+            }
+        }
+        assert!(rank_slice(&[1, 2], 2, 2).is_err());
+        assert!(rank_slice(&[1, 2], 0, 0).is_err());
+        assert!(micro_batches(&[1, 2], 0).is_err());
+        // Ranks building their own dataset see the same global batch.
+        let (d0, d1) = (file_dataset(9), file_dataset(9));
+        let (mut p0, mut p1) = (DataPosition::default(), DataPosition::default());
+        assert_eq!(
+            d0.global_batch(&mut p0, 32).unwrap(),
+            d1.global_batch(&mut p1, 32).unwrap()
+        );
+    }
+
+    #[test]
+    fn collate_stacks_rows() {
+        let t = Tokenizer::Byte;
+        let task = AdditionTask::new(2, 0).unwrap();
+        let rows: Vec<Example> = (0..3)
+            .map(|i| {
+                let (a, b) = task.train_pair(i);
+                task.example(a, b, &t, 12).unwrap()
+            })
+            .collect();
+        let batch = collate(&rows).unwrap();
+        assert_eq!((batch.batch, batch.seq_len), (3, 12));
+        assert_eq!(&batch.ids[12..24], &rows[1].ids[..]);
+        let mut bad = rows.clone();
+        bad[2].ids.pop();
+        assert!(collate(&bad).unwrap_err().to_string().contains("row 2"));
+    }
+}

@@ -1,0 +1,67 @@
+//! `TrainerError`: every failure of the trainer's foundation modules, with the file, line, key or
+//! field it concerns in its message.
+
+use std::path::PathBuf;
+
+/// Errors of `kiln-trainer`. Each message names what it is about (file, `file:line`, config field
+/// or `--set` argument), so it can be printed as is.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainerError {
+    /// Reading or writing a file or folder failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A TOML config file does not parse or does not match the schema; `reason` keeps the
+    /// line and column and names the dotted field.
+    #[error("config {}: {reason}", path.display())]
+    ConfigFile { path: PathBuf, reason: String },
+    /// The config (after `--set` overrides) does not match the schema: unknown field, wrong type.
+    #[error("config: {reason}")]
+    ConfigSchema { reason: String },
+    /// A `--set key=value` argument is malformed or cannot be applied.
+    #[error("--set {arg}: {reason}")]
+    Override { arg: String, reason: String },
+    /// A config value is out of range or inconsistent; `field` is the dotted path (`optim.lr`).
+    #[error("config field {field}: {reason}")]
+    Invalid { field: String, reason: String },
+    /// A data file has a bad record; `line` is 1-based.
+    #[error("{}:{line}: {reason}", path.display())]
+    DataLine {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    /// A data file (or the data as a whole) cannot be used.
+    #[error("data {}: {reason}", path.display())]
+    Data { path: PathBuf, reason: String },
+    /// A tokenizer cannot be loaded or used.
+    #[error("tokenizer {}: {reason}", path.display())]
+    Tokenizer { path: PathBuf, reason: String },
+    /// A caller passed an argument outside the function's contract (e.g. a micro-batch of 0 rows).
+    #[error("{0}")]
+    Argument(String),
+    /// An error from `kiln-models` (model config).
+    #[error(transparent)]
+    Model(#[from] kiln_models::ModelError),
+}
+
+/// `Result` with [`TrainerError`].
+pub type Result<T> = std::result::Result<T, TrainerError>;
+
+impl TrainerError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        TrainerError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        TrainerError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
