@@ -119,7 +119,7 @@ pub struct DataConfig {
     /// Tokens per row (default 32, at least 8).
     pub seq_len: usize,
     pub tokenizer: TokenizerSpec,
-    /// Operand digits for `addition` (default 3, 1..=9).
+    /// Operand digits for `addition` (default 2, 1..=9).
     pub digits: u32,
     /// Held-out examples for evaluation (default 200).
     pub eval_examples: usize,
@@ -132,7 +132,7 @@ impl Default for DataConfig {
             paths: Vec::new(),
             seq_len: 32,
             tokenizer: TokenizerSpec::Byte,
-            digits: 3,
+            digits: 2,
             eval_examples: 200,
         }
     }
@@ -238,13 +238,13 @@ impl Default for LoraConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OptimConfig {
-    /// Peak learning rate (default 1e-3).
+    /// Peak learning rate (default 5e-3).
     pub lr: f64,
     /// AdamW (β1, β2), default (0.9, 0.95).
     pub betas: [f64; 2],
     pub eps: f64,
     pub weight_decay: f64,
-    /// Linear warmup from 0 over this many steps (default 20).
+    /// Linear warmup from 0 over this many steps (default 50).
     pub warmup_steps: u64,
     /// The cosine decay ends at `lr * min_lr_ratio` (default 0.1).
     pub min_lr_ratio: f64,
@@ -256,11 +256,11 @@ pub struct OptimConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         Self {
-            lr: 1e-3,
+            lr: 5e-3,
             betas: [0.9, 0.95],
             eps: 1e-8,
             weight_decay: 0.0,
-            warmup_steps: 20,
+            warmup_steps: 50,
             min_lr_ratio: 0.1,
             max_grad_norm: Some(1.0),
         }
@@ -285,11 +285,11 @@ mod clip_norm {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LoopConfig {
-    /// Optimizer steps (default 600).
+    /// Optimizer steps (default 1000).
     pub steps: u64,
-    /// Rows per optimizer step over all ranks (default 32).
+    /// Rows per optimizer step over all ranks (default 64).
     pub global_batch: usize,
-    /// Rows per rank per micro-batch (default 16).
+    /// Rows per rank per micro-batch (default 32).
     pub micro_batch: usize,
     pub seed: u64,
     /// Evaluate every this many steps; 0 = only at the end.
@@ -304,9 +304,9 @@ pub struct LoopConfig {
 impl Default for LoopConfig {
     fn default() -> Self {
         Self {
-            steps: 600,
-            global_batch: 32,
-            micro_batch: 16,
+            steps: 1000,
+            global_batch: 64,
+            micro_batch: 32,
             seed: 0,
             eval_interval: 0,
             checkpoint_interval: 0,

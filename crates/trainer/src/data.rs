@@ -42,6 +42,9 @@ pub const BYTE_PAD: i64 = 258;
 pub enum Tokenizer {
     /// UTF-8 bytes 0..=255, BOS 256, EOS 257, PAD 258.
     Byte,
+    /// UTF-8 bytes 0..=255 with a model's own special ids inside that range (a byte-level HF
+    /// model with a 256-token vocabulary, like the fixture Llama: BOS 1, EOS 2, PAD = EOS).
+    ByteSpecial { bos: Option<i64>, eos: i64, pad: i64 },
     /// A Hugging Face tokenizer (cargo feature `hf-tokenizer`).
     #[cfg(feature = "hf-tokenizer")]
     Hf(Box<HfTokenizer>),
@@ -92,7 +95,9 @@ impl Tokenizer {
     /// Token ids of `text`, without special tokens.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         match self {
-            Tokenizer::Byte => Ok(text.bytes().map(i64::from).collect()),
+            Tokenizer::Byte | Tokenizer::ByteSpecial { .. } => {
+                Ok(text.bytes().map(i64::from).collect())
+            }
             #[cfg(feature = "hf-tokenizer")]
             Tokenizer::Hf(t) => t.encode(text),
         }
@@ -106,6 +111,15 @@ impl Tokenizer {
                 let bytes: Vec<u8> = ids.iter().filter_map(|&id| u8::try_from(id).ok()).collect();
                 Ok(String::from_utf8_lossy(&bytes).into_owned())
             }
+            Tokenizer::ByteSpecial { bos, eos, pad } => {
+                let special = |id: i64| Some(id) == *bos || id == *eos || id == *pad;
+                let bytes: Vec<u8> = ids
+                    .iter()
+                    .filter(|&&id| !special(id))
+                    .filter_map(|&id| u8::try_from(id).ok())
+                    .collect();
+                Ok(String::from_utf8_lossy(&bytes).into_owned())
+            }
             #[cfg(feature = "hf-tokenizer")]
             Tokenizer::Hf(t) => t.decode(ids),
         }
@@ -115,6 +129,7 @@ impl Tokenizer {
     pub fn vocab_size(&self) -> usize {
         match self {
             Tokenizer::Byte => BYTE_VOCAB_SIZE,
+            Tokenizer::ByteSpecial { .. } => 256,
             #[cfg(feature = "hf-tokenizer")]
             Tokenizer::Hf(t) => t.inner.get_vocab_size(true),
         }
@@ -124,6 +139,7 @@ impl Tokenizer {
     pub fn bos(&self) -> Option<i64> {
         match self {
             Tokenizer::Byte => Some(BYTE_BOS),
+            Tokenizer::ByteSpecial { bos, .. } => *bos,
             #[cfg(feature = "hf-tokenizer")]
             Tokenizer::Hf(t) => t.bos.map(i64::from),
         }
@@ -133,6 +149,7 @@ impl Tokenizer {
     pub fn eos(&self) -> i64 {
         match self {
             Tokenizer::Byte => BYTE_EOS,
+            Tokenizer::ByteSpecial { eos, .. } => *eos,
             #[cfg(feature = "hf-tokenizer")]
             Tokenizer::Hf(t) => i64::from(t.eos),
         }
@@ -142,6 +159,7 @@ impl Tokenizer {
     pub fn pad(&self) -> i64 {
         match self {
             Tokenizer::Byte => BYTE_PAD,
+            Tokenizer::ByteSpecial { pad, .. } => *pad,
             #[cfg(feature = "hf-tokenizer")]
             Tokenizer::Hf(t) => i64::from(t.pad),
         }
@@ -419,22 +437,40 @@ impl AdditionTask {
         out
     }
 
-    /// The prompt text `"a+b="` (BOS is added as a token by [`example`](Self::example)).
-    pub fn prompt(a: u64, b: u64) -> String {
-        format!("{a}+{b}=")
+    /// The prompt text: both operands zero-padded to `digits`, `"07+45="` (BOS is added as a
+    /// token by [`example`](Self::example)).
+    pub fn prompt(&self, a: u64, b: u64) -> String {
+        let w = self.digits as usize;
+        format!("{a:0w$}+{b:0w$}=")
     }
 
-    /// The expected answer text, `a + b` in decimal.
-    pub fn answer(a: u64, b: u64) -> String {
-        (a + b).to_string()
+    /// The expected answer text: `a + b` zero-padded to `digits + 1` and written least
+    /// significant digit first (07 + 45 = 52 -> `"250"`), the order in which carries are
+    /// computed, so a small model can produce each digit from what it has already written
+    /// (the usual format for teaching transformers arithmetic).
+    pub fn answer(&self, a: u64, b: u64) -> String {
+        let w = self.digits as usize + 1;
+        format!("{:0w$}", a + b).chars().rev().collect()
     }
 
     /// Whether a generated continuation (the text after the prompt, specials removed) answers
-    /// `a + b`: its leading run of digits, after leading whitespace, equals the sum.
-    pub fn exact_match(generated: &str, a: u64, b: u64) -> bool {
+    /// `a + b`: its leading run of digits, after leading whitespace, equals [`answer`](Self::answer).
+    pub fn exact_match(&self, generated: &str, a: u64, b: u64) -> bool {
         let s = generated.trim_start();
         let end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        end > 0 && s[..end] == Self::answer(a, b)
+        end > 0 && s[..end] == self.answer(a, b)
+    }
+
+    /// A generated answer in the usual reading order (`"250"` -> `"52"`), for display.
+    pub fn readable(generated: &str) -> String {
+        let digits: String = generated.chars().take_while(char::is_ascii_digit).collect();
+        let s: String = digits.chars().rev().collect();
+        let s = s.trim_start_matches('0');
+        if s.is_empty() && !digits.is_empty() {
+            "0".into()
+        } else {
+            s.into()
+        }
     }
 
     /// The training/eval row for `(a, b)`: loss on the answer digits and EOS only.
@@ -445,16 +481,16 @@ impl AdditionTask {
         tokenizer: &Tokenizer,
         seq_len: usize,
     ) -> Result<Example> {
-        let prompt = tokenizer.encode(&Self::prompt(a, b))?;
-        let answer = tokenizer.encode(&Self::answer(a, b))?;
+        let prompt = tokenizer.encode(&self.prompt(a, b))?;
+        let answer = tokenizer.encode(&self.answer(a, b))?;
         let (example, truncated) = Example::supervised(&prompt, &answer, tokenizer, seq_len);
         if truncated {
             return Err(TrainerError::invalid(
                 "data.seq_len",
                 format!(
                     "{seq_len} is too short for `{}{}` and its special tokens",
-                    Self::prompt(a, b),
-                    Self::answer(a, b)
+                    self.prompt(a, b),
+                    self.answer(a, b)
                 ),
             ));
         }
@@ -905,25 +941,29 @@ mod tests {
         let task = AdditionTask::new(3, 0).unwrap();
         let t = Tokenizer::Byte;
         let ex = task.example(123, 45, &t, 16).unwrap();
-        let text: Vec<i64> = "123+45=".bytes().map(i64::from).collect();
+        let text: Vec<i64> = "123+045=".bytes().map(i64::from).collect();
         assert_eq!(ex.ids[0], BYTE_BOS);
-        assert_eq!(&ex.ids[1..8], &text[..]);
+        assert_eq!(&ex.ids[1..9], &text[..]);
         assert_eq!(
-            &ex.ids[8..12],
-            &[b'1' as i64, b'6' as i64, b'8' as i64, BYTE_EOS]
+            &ex.ids[9..14],
+            &[b'8' as i64, b'6' as i64, b'1' as i64, b'0' as i64, BYTE_EOS]
         );
-        assert!(ex.ids[12..].iter().all(|&i| i == BYTE_PAD));
-        assert!(ex.labels[..8].iter().all(|&l| l == IGNORE_INDEX));
-        assert_eq!(&ex.labels[8..12], &ex.ids[8..12]);
-        assert!(ex.labels[12..].iter().all(|&l| l == IGNORE_INDEX));
-        assert_eq!(ex.target_tokens(), 4);
-        assert_eq!(AdditionTask::prompt(123, 45), "123+45=");
-        assert_eq!(AdditionTask::answer(999, 999), "1998");
-        assert!(AdditionTask::exact_match("168", 123, 45));
-        assert!(AdditionTask::exact_match(" 168\n9+", 123, 45));
-        assert!(!AdditionTask::exact_match("1680", 123, 45));
-        assert!(!AdditionTask::exact_match("", 123, 45));
-        assert!(!AdditionTask::exact_match("x168", 123, 45));
+        assert!(ex.ids[14..].iter().all(|&i| i == BYTE_PAD));
+        assert!(ex.labels[..9].iter().all(|&l| l == IGNORE_INDEX));
+        assert_eq!(&ex.labels[9..14], &ex.ids[9..14]);
+        assert!(ex.labels[14..].iter().all(|&l| l == IGNORE_INDEX));
+        assert_eq!(ex.target_tokens(), 5);
+        let a3 = AdditionTask::new(3, 0).unwrap();
+        assert_eq!(a3.prompt(123, 45), "123+045=");
+        assert_eq!(a3.answer(999, 999), "8991");
+        assert_eq!(a3.answer(123, 45), "8610");
+        assert!(a3.exact_match("8610", 123, 45));
+        assert!(a3.exact_match(" 8610\n9+", 123, 45));
+        assert!(!a3.exact_match("86100", 123, 45));
+        assert!(!a3.exact_match("", 123, 45));
+        assert!(!a3.exact_match("x8610", 123, 45));
+        assert_eq!(AdditionTask::readable("8610"), "168");
+        assert_eq!(AdditionTask::readable("000"), "0");
         assert!(task.example(999, 999, &t, 10).is_err());
         assert!(AdditionTask::new(0, 0).is_err());
     }

@@ -45,6 +45,21 @@ pub enum TrainerError {
     /// An error from `kiln-models` (model config).
     #[error(transparent)]
     Model(#[from] kiln_models::ModelError),
+    /// An error from the ZeRO engine (collectives, checkpoints, shapes).
+    #[error(transparent)]
+    Zero(#[from] kiln_zero::ZeroError),
+    /// An error from kiln-lora (adapter files, targets).
+    #[error(transparent)]
+    Lora(#[from] kiln_lora::LoraError),
+    /// An error from kiln-dist (launch, rank environment).
+    #[error(transparent)]
+    Dist(#[from] kiln_dist::DistError),
+    /// A checkpoint cannot be used by the trainer.
+    #[error("checkpoint: {0}")]
+    Checkpoint(String),
+    /// A rank failed; the message names it.
+    #[error("{0}")]
+    Run(String),
 }
 
 /// `Result` with [`TrainerError`].

@@ -1,5 +1,9 @@
-//! kiln-trainer: the foundation of the `kiln` binary.
+//! kiln-trainer: the `kiln` binary and the library behind it.
 //!
+//! - [`train`]: the SPMD training loop and its launch (thread ranks, `mpirun`, NCCL);
+//! - [`units`]: the Llama (with LoRA factors attached or not) as units for the ZeRO engine;
+//! - [`export`]: sharded checkpoints to HF safetensors, PEFT adapters, merged models;
+//! - [`commands`]: `kiln train | eval | generate | estimate | export`;
 //! - [`config`]: the TOML job ([`config::TrainConfig`]) with `--set key=value` overrides;
 //! - [`data`]: tokenizers, examples with masked labels (addition, text, JSONL), a deterministic
 //!   resumable stream of global batches and its per-rank slices;
@@ -12,11 +16,15 @@
 //! key or field at fault; nothing here panics on bad input.
 
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod metrics;
 pub mod plot;
 pub mod schedule;
+pub mod train;
+pub mod units;
 
 pub use error::{Result, TrainerError};

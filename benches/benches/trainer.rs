@@ -1,0 +1,107 @@
+//! The trainer's overhead over the bare engine: the default job's model and batches (tiny Llama,
+//! synthetic addition, bf16, ZeRO-3, 2 thread ranks), timed per step (a) through `kiln train`'s
+//! loop (data, batches, schedule, metrics, progress, the stop flag) and (b) as bare
+//! `Engine::step` calls on pre-built batches, in the same run. Target: (a) ≤ 1.05 x (b).
+//!
+//! `cargo bench --profile dev -p kiln-benches --bench trainer` prints the table.
+
+use std::time::Instant;
+
+use burn::tensor::Device;
+use criterion::{Criterion, criterion_group, criterion_main};
+use kiln_dist::LocalWorld;
+use kiln_precision::{AdamWConfig, ParamGroup};
+use kiln_trainer::config::TrainConfig;
+use kiln_trainer::data::{DataPosition, Dataset, Tokenizer, micro_batches, rank_slice};
+use kiln_trainer::train::{Resume, build_model, policy_of, stage_of, train};
+use kiln_trainer::units::{Batch, LlamaUnits};
+use kiln_zero::{Engine, ZeroConfig};
+
+const STEPS: u64 = 30;
+
+fn config(out: &std::path::Path) -> TrainConfig {
+    let mut c = TrainConfig::default();
+    c.train.steps = STEPS;
+    c.train.output_dir = out.to_path_buf();
+    c.train.log_interval = STEPS;
+    c.data.eval_examples = 8;
+    c
+}
+
+/// Seconds per step of bare engine steps on the same batches.
+fn bare(c: &TrainConfig) -> f64 {
+    let out = LocalWorld::run(c.dist.world_size, |comm| {
+        let (rank, world) = (comm.rank(), comm.world_size());
+        let device = Device::flex().autodiff();
+        let dataset =
+            Dataset::new(&c.data, Tokenizer::from_spec(&c.data.tokenizer).unwrap(), c.train.seed)
+                .unwrap();
+        let mc = c.model_config().unwrap();
+        let policy = policy_of(c.precision.compute);
+        let (model, trainable) = build_model(c, &mc, &device).unwrap();
+        let zc = ZeroConfig {
+            stage: stage_of(c.zero.stage).unwrap(),
+            policy,
+            adamw: AdamWConfig {
+                beta1: c.optim.betas[0],
+                beta2: c.optim.betas[1],
+                eps: c.optim.eps,
+            },
+            group: ParamGroup {
+                lr: c.optim.lr,
+                weight_decay: c.optim.weight_decay,
+            },
+            max_grad_norm: c.optim.max_grad_norm,
+        };
+        let mut engine = Engine::new(LlamaUnits::new(model), comm, zc, trainable)?;
+        let mut pos = DataPosition::default();
+        let steps: Vec<Vec<Batch>> = (0..STEPS)
+            .map(|_| {
+                let rows = dataset.global_batch(&mut pos, c.train.global_batch).unwrap();
+                let mine = rank_slice(&rows, rank, world).unwrap();
+                micro_batches(mine, c.train.micro_batch)
+                    .unwrap()
+                    .into_iter()
+                    .map(|r| {
+                        let ids = r.iter().flat_map(|e| e.ids.clone()).collect();
+                        let labels = r.iter().flat_map(|e| e.labels.clone()).collect();
+                        Batch::new(&mc, ids, labels, r[0].ids.len(), &device, policy.compute)
+                            .unwrap()
+                    })
+                    .collect()
+            })
+            .collect();
+        let t = Instant::now();
+        for b in &steps {
+            engine.set_lr(c.optim.lr)?;
+            engine.step(b)?;
+        }
+        Ok::<_, kiln_zero::ZeroError>(t.elapsed().as_secs_f64())
+    })
+    .unwrap();
+    out.into_iter().fold(0.0, f64::max) / STEPS as f64
+}
+
+fn trainer(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("kiln-bench-trainer-{}", std::process::id()));
+    let cfg = config(&dir);
+    // Alternate to spread machine noise over both.
+    let mut rows = vec![];
+    for _ in 0..2 {
+        let _ = std::fs::remove_dir_all(&dir);
+        let s = train(&cfg, &Resume::No).unwrap();
+        let kiln = s.wall_s / s.steps as f64;
+        let engine = bare(&cfg);
+        rows.push((kiln, engine));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("\n| run | kiln train loop, ms/step | bare Engine::step, ms/step | ratio |");
+    println!("| --- | --- | --- | --- |");
+    for (i, (k, e)) in rows.iter().enumerate() {
+        println!("| {} | {:.1} | {:.1} | {:.3} |", i + 1, k * 1e3, e * 1e3, k / e);
+    }
+    let _ = c;
+}
+
+criterion_group!(benches, trainer);
+criterion_main!(benches);

@@ -1,0 +1,344 @@
+//! What each `kiln` subcommand does (main.rs only parses and prints errors).
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, Device};
+use kiln_models::{
+    GenerateConfig, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, generate, unit_of,
+};
+use kiln_zero::{ActivationShape, activation_bytes, estimate_table_with};
+
+use crate::cli::{EstimateArgs, EvalArgs, ExportArgs, GenerateArgs, TrainArgs};
+use crate::config::{Task, TokenizerSpec, TrainConfig};
+use crate::data::{Dataset, Tokenizer, collate};
+use crate::train::{
+    EvalResult, Resume, TrainSummary, addition_accuracy, checkpoint_config, human,
+    model_from_params, policy_of, train,
+};
+use crate::{Result, TrainerError};
+
+/// `kiln train`.
+pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
+    let config = TrainConfig::load(args.config.config.as_deref(), &args.overrides())?;
+    let resume = match &args.resume {
+        None => Resume::No,
+        Some(None) => Resume::Latest,
+        Some(Some(dir)) => Resume::From(dir.clone()),
+    };
+    let summary = train(&config, &resume)?;
+    print_summary(&summary, &config);
+    Ok(summary)
+}
+
+fn print_summary(s: &TrainSummary, config: &TrainConfig) {
+    let wall = std::time::Duration::from_secs_f64(s.wall_s);
+    println!(
+        "kiln: {} steps in {} ({:.0} tokens/s) on {} ranks ({}); loss {} -> {}{}",
+        s.steps,
+        human(wall),
+        s.tokens_per_s,
+        s.world_size,
+        s.backend,
+        s.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        s.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        if s.skipped_steps > 0 {
+            format!(", {} skipped (inf/nan)", s.skipped_steps)
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "kiln: {} of {} parameters trained; AdamW state {:.2} MB and model state {:.2} MB per rank",
+        s.trainable_params,
+        s.total_params,
+        s.optimizer_bytes as f64 / 1e6,
+        s.model_state_bytes as f64 / 1e6
+    );
+    if let Some(e) = &s.eval {
+        print_eval(e);
+    }
+    if let Some(c) = &s.checkpoint {
+        println!("kiln: checkpoint {}", c.display());
+    }
+    if s.interrupted {
+        println!("kiln: interrupted; continue with `kiln train --resume` (same config)");
+    }
+    println!(
+        "kiln: metrics {}/metrics.jsonl, loss curve {}/loss.svg",
+        config.train.output_dir.display(),
+        config.train.output_dir.display()
+    );
+}
+
+fn print_eval(e: &EvalResult) {
+    println!(
+        "kiln: held-out loss {:.4}, perplexity {:.3}{}",
+        e.loss,
+        e.perplexity,
+        e.accuracy
+            .map_or(String::new(), |a| format!(", exact-match accuracy {:.1}%", a * 100.0))
+    );
+    for (prompt, completion) in &e.samples {
+        println!("  {prompt}{completion}");
+    }
+}
+
+/// A model with its config and tokenizer, loaded from a kiln checkpoint or an HF folder.
+pub struct Loaded {
+    pub model: Llama,
+    pub model_config: LlamaConfig,
+    pub config: TrainConfig,
+    pub tokenizer: Tokenizer,
+}
+
+/// Loads a checkpoint (the run's own config, model and tokenizer) or an HF folder (with its
+/// `tokenizer.json` when present, else the byte tokenizer). `config` is used for an HF folder.
+pub fn load_model(
+    checkpoint: Option<&Path>,
+    pretrained: Option<&Path>,
+    config: TrainConfig,
+    device: &Device,
+) -> Result<Loaded> {
+    match (checkpoint, pretrained) {
+        (Some(dir), _) => {
+            let (config, _) = checkpoint_config(dir)?;
+            let model_config = config.model_config()?;
+            let (_, params) = kiln_zero::read_full_checkpoint(dir)?;
+            let dtype = policy_of(config.precision.compute).compute;
+            let model = model_from_params(&config, &model_config, params, device, dtype)?;
+            let tokenizer = Tokenizer::from_spec(&config.data.tokenizer)?;
+            Ok(Loaded {
+                model,
+                model_config,
+                config,
+                tokenizer,
+            })
+        }
+        (None, Some(dir)) => {
+            let mut config = config;
+            config.model.pretrained = Some(dir.to_path_buf());
+            let tok = dir.join("tokenizer.json");
+            if tok.is_file() && config.data.tokenizer == TokenizerSpec::Byte {
+                config.data.tokenizer = TokenizerSpec::File(tok);
+            }
+            let model_config = LlamaConfig::from_file(dir.join("config.json"))?;
+            let dtype = policy_of(config.precision.compute).compute;
+            let (_, model) = Llama::from_pretrained(dir, device, dtype)?;
+            let mut tokenizer = Tokenizer::from_spec(&config.data.tokenizer)?;
+            if matches!(tokenizer, Tokenizer::Byte) && model_config.vocab_size < tokenizer.vocab_size() {
+                tokenizer = byte_tokenizer_of(dir, &model_config)?;
+            }
+            Ok(Loaded {
+                model,
+                model_config,
+                config,
+                tokenizer,
+            })
+        }
+        (None, None) => Err(TrainerError::Argument(
+            "give --checkpoint DIR or --pretrained DIR".into(),
+        )),
+    }
+}
+
+/// The byte tokenizer for a byte-level HF model with fewer than 259 ids: raw bytes, with the
+/// model's own `bos_token_id` / `eos_token_id` from its `config.json`.
+fn byte_tokenizer_of(dir: &Path, config: &LlamaConfig) -> Result<Tokenizer> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainerError::Io {
+        path: path.clone(),
+        source: e,
+    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| TrainerError::Tokenizer {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    let id = |key: &str| json.get(key).and_then(|v| v.as_i64());
+    let eos = id("eos_token_id").ok_or_else(|| TrainerError::Tokenizer {
+        path: path.clone(),
+        reason: format!(
+            "no tokenizer.json, a vocabulary of {} (< 259, too small for kiln's byte tokenizer) \
+             and no eos_token_id to use raw bytes with",
+            config.vocab_size
+        ),
+    })?;
+    Ok(Tokenizer::ByteSpecial {
+        bos: id("bos_token_id"),
+        eos,
+        pad: id("pad_token_id").unwrap_or(eos),
+    })
+}
+
+/// `kiln eval`: held-out loss and perplexity on one process, and exact-match accuracy for the
+/// addition task.
+pub fn run_eval(args: &EvalArgs) -> Result<EvalResult> {
+    let device = Device::flex();
+    let config = TrainConfig::load(args.config.config.as_deref(), &args.config.set)?;
+    let loaded = load_model(
+        args.source.checkpoint.as_deref(),
+        args.source.pretrained.as_deref(),
+        config,
+        &device,
+    )?;
+    let mut config = loaded.config.clone();
+    if !args.data.is_empty() {
+        let jsonl = args
+            .data
+            .iter()
+            .all(|p| p.extension().is_some_and(|e| e == "jsonl"));
+        config.data.task = if jsonl { Task::Jsonl } else { Task::Text };
+        config.data.paths = args.data.clone();
+    }
+    let dataset = Dataset::new(&config.data, loaded.tokenizer, config.train.seed)?;
+    let dtype = policy_of(config.precision.compute).compute;
+    let (mut sum, mut count) = (0.0f64, 0.0f64);
+    for rows in dataset.eval().chunks(config.train.micro_batch.max(1)) {
+        let b = collate(rows)?;
+        let batch = crate::units::Batch::new(
+            &loaded.model_config,
+            b.ids,
+            b.labels,
+            b.seq_len,
+            &device,
+            dtype,
+        )?;
+        let logits = loaded.model.forward(batch.ids.clone(), &batch.ctx);
+        let (s, c) = causal_lm_loss_sum(logits, batch.labels);
+        sum += f64::from(scalar(s)?);
+        count += f64::from(scalar(c)?);
+    }
+    if count == 0.0 {
+        return Err(TrainerError::Argument(
+            "the evaluation data has no token that counts in the loss".into(),
+        ));
+    }
+    let loss = (sum / count) as f32;
+    let (accuracy, samples) = match dataset.addition() {
+        Some(task) => {
+            let (a, s) = addition_accuracy(&loaded.model, &loaded.model_config, task, &dataset, true)?;
+            (Some(a), s)
+        }
+        None => (None, vec![]),
+    };
+    let e = EvalResult {
+        step: 0,
+        loss,
+        perplexity: loss.exp(),
+        accuracy,
+        samples,
+    };
+    print_eval(&e);
+    Ok(e)
+}
+
+fn scalar(t: burn::tensor::Tensor<1>) -> Result<f32> {
+    t.into_data()
+        .iter::<f32>()
+        .next()
+        .ok_or_else(|| TrainerError::Argument("empty loss tensor".into()))
+}
+
+/// `kiln generate`: the completion of `--prompt`.
+pub fn run_generate(args: &GenerateArgs) -> Result<String> {
+    let device = Device::flex();
+    let loaded = load_model(
+        args.source.checkpoint.as_deref(),
+        args.source.pretrained.as_deref(),
+        TrainConfig::default(),
+        &device,
+    )?;
+    let tok = &loaded.tokenizer;
+    let mut prompt: Vec<i64> = tok.bos().into_iter().collect();
+    prompt.extend(tok.encode(&args.prompt)?);
+    let settings = GenerateConfig {
+        max_new_tokens: args.max_new_tokens,
+        temperature: f64::from(args.temperature),
+        top_p: f64::from(args.top_p),
+        seed: args.seed,
+        eos_token_id: Some(tok.eos()),
+        greedy: args.greedy,
+    };
+    let out = generate(
+        &loaded.model,
+        &loaded.model_config,
+        &[prompt],
+        &settings,
+        &device,
+    )?;
+    let ids: Vec<i64> = out[0].iter().copied().filter(|&t| t != tok.eos()).collect();
+    let text = tok.decode(&ids)?;
+    println!("{}{}", args.prompt, text);
+    Ok(text)
+}
+
+/// Parameters of the largest unit (embedding, a block, or norm + head) of a config.
+pub fn largest_unit(config: &LlamaConfig) -> usize {
+    let mut per_unit = std::collections::HashMap::<UnitId, usize>::new();
+    for (key, shape) in config.param_table() {
+        if let Some(u) = unit_of(&key) {
+            *per_unit.entry(u).or_default() += shape.iter().product::<usize>();
+        }
+    }
+    per_unit.values().copied().max().unwrap_or(0)
+}
+
+/// `kiln estimate`: the per-rank model-state table (and activations with `--batch --seq`).
+pub fn run_estimate(args: &EstimateArgs) -> Result<String> {
+    let config = match &args.model {
+        Some(path) => Some(LlamaConfig::from_file(path)?),
+        None => None,
+    };
+    let (psi, largest) = match (&config, args.psi) {
+        (Some(c), _) => (c.num_params() as f64, largest_unit(c) as f64),
+        (None, Some(psi)) => (psi, 0.0),
+        (None, None) => {
+            return Err(TrainerError::Argument(
+                "give --model config.json or --psi N".into(),
+            ));
+        }
+    };
+    let mut out = estimate_table_with(psi, args.frozen, args.ranks, args.k, largest, false);
+    if let Some(stage) = args.stage {
+        out += &format!("(stage {stage} selected; all stages shown for comparison)\n");
+    }
+    if let (Some(c), Some(batch), Some(seq)) = (&config, args.batch, args.seq) {
+        let shape = ActivationShape {
+            batch,
+            seq,
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            layers: c.num_hidden_layers,
+            vocab: c.vocab_size,
+            bytes: 2,
+        };
+        out += &format!(
+            "activations per rank (bf16, micro-batch {batch} x {seq}): {:.2} GB kept for backward, {:.2} GB with per-unit recompute (the engine's default)\n",
+            activation_bytes(&shape, false) / 1e9,
+            activation_bytes(&shape, true) / 1e9
+        );
+    }
+    print!("{out}");
+    Ok(out)
+}
+
+/// `kiln export`.
+pub fn run_export(args: &ExportArgs) -> Result<PathBuf> {
+    let (config, _) = checkpoint_config(&args.checkpoint)?;
+    if args.peft && !config.lora.enabled {
+        return Err(TrainerError::Argument(format!(
+            "{}: --peft needs a LoRA run (lora.enabled = false in its config)",
+            args.checkpoint.display()
+        )));
+    }
+    let e = crate::export::export(&args.checkpoint, &args.out, args.merge, DType::F32)?;
+    println!(
+        "kiln: exported {} parameters to {} ({})",
+        e.params,
+        args.out.display(),
+        e.files.join(", ")
+    );
+    Ok(args.out.clone())
+}

@@ -1,0 +1,604 @@
+//! `kiln train`: the training loop every rank runs (SPMD), and the launch that starts the ranks.
+//!
+//! The same config runs on N thread ranks (`dist.world_size`), on ranks that are processes under
+//! `mpirun` (detected from the environment; feature `mpi`), or one rank per GPU over NCCL
+//! (feature `nccl`). Every rank builds the same model from the same seed, reads the same global
+//! batch and keeps its slice; the engine does the rest. Only rank 0 prints and writes files
+//! (checkpoints are written by every rank into one folder).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use burn::tensor::{DType, Device};
+use kiln_dist::{Communicator, LocalWorld, ReduceOp};
+use kiln_lora::{LoraModel, TargetModules};
+use kiln_models::{GenerateConfig, Llama, LlamaConfig, generate};
+use kiln_precision::{AdamWConfig, ParamGroup, Policy};
+use kiln_zero::{Engine, Stage, StepReport, latest_checkpoint};
+use serde::{Deserialize, Serialize};
+
+use crate::config::{ComputeDtype, DistBackend, TrainConfig};
+use crate::data::{
+    AdditionTask, DataPosition, Dataset, Example, Tokenizer, micro_batches, rank_slice,
+};
+use crate::metrics::{EvalRecord, MetricsWriter, Progress, ProgressStats, TrainRecord};
+use crate::units::{Batch, LlamaUnits};
+use crate::{Result, TrainerError};
+
+/// Where a run resumes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// A fresh run.
+    No,
+    /// The newest checkpoint under `<output_dir>/checkpoints` (a fresh run if there is none).
+    Latest,
+    /// This checkpoint folder.
+    From(PathBuf),
+}
+
+/// Held-out results.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalResult {
+    pub step: u64,
+    pub loss: f32,
+    pub perplexity: f32,
+    /// Exact-match accuracy by greedy generation (tasks that have it).
+    pub accuracy: Option<f32>,
+    /// A few (prompt, completion) samples.
+    pub samples: Vec<(String, String)>,
+}
+
+/// What a run did (rank 0's view).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainSummary {
+    pub steps: u64,
+    pub first_loss: Option<f32>,
+    pub last_loss: Option<f32>,
+    pub skipped_steps: u64,
+    pub wall_s: f64,
+    pub tokens_per_s: f64,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    /// Optimizer (AdamW moments) bytes per rank.
+    pub optimizer_bytes: u64,
+    /// Model-state bytes per rank (engine report).
+    pub model_state_bytes: u64,
+    pub eval: Option<EvalResult>,
+    pub checkpoint: Option<PathBuf>,
+    pub interrupted: bool,
+    pub world_size: usize,
+    pub backend: String,
+}
+
+/// The trainer's state in a checkpoint manifest (`extra`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TrainerState {
+    /// Steps done.
+    step: u64,
+    data_position: DataPosition,
+    skipped_steps: u64,
+    model_config: serde_json::Value,
+    lora: Option<serde_json::Value>,
+    config: String,
+}
+
+/// Set by Ctrl-C; every rank checks the all-reduced flag after each step.
+fn interrupted_flag() -> Arc<AtomicBool> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    FLAG.get_or_init(|| {
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        if let Err(e) = ctrlc::set_handler(move || {
+            if f.swap(true, Ordering::SeqCst) {
+                // A second Ctrl-C while the checkpoint is written: leave at once.
+                std::process::exit(130);
+            }
+            eprintln!("\nkiln: interrupted; saving a checkpoint at the end of this step");
+        }) {
+            tracing::warn!("no Ctrl-C handler: {e}");
+        }
+        flag
+    })
+    .clone()
+}
+
+/// Runs `config`, launching its ranks: N threads, or this process as one rank under `mpirun`.
+pub fn train(config: &TrainConfig, resume: &Resume) -> Result<TrainSummary> {
+    config.validate()?;
+    let env = kiln_dist::RankEnv::detect()?;
+    let backend = match (config.dist.backend, &env) {
+        (DistBackend::Auto, Some(env)) if env.world_size > 1 => DistBackend::Mpi,
+        (DistBackend::Auto, _) => DistBackend::Threads,
+        (b, _) => b,
+    };
+    match backend {
+        DistBackend::Threads | DistBackend::Auto => {
+            let world = config.dist.world_size;
+            let out = LocalWorld::run(world, |comm| {
+                rank_main(comm, config, resume, "threads").map_err(|e| e.to_string())
+            })
+            .map_err(|e| TrainerError::Run(e.to_string()))?;
+            Ok(out.into_iter().next().expect("rank 0"))
+        }
+        DistBackend::Mpi => {
+            #[cfg(feature = "mpi")]
+            {
+                let comm = Communicator::mpi()?;
+                rank_main(comm, config, resume, "mpi")
+            }
+            #[cfg(not(feature = "mpi"))]
+            Err(TrainerError::invalid(
+                "dist.backend",
+                "this kiln was built without the `mpi` feature (cargo build --features mpi)",
+            ))
+        }
+        DistBackend::Nccl => {
+            #[cfg(feature = "nccl")]
+            {
+                let comm = Communicator::nccl()?;
+                rank_main(comm, config, resume, "nccl")
+            }
+            #[cfg(not(feature = "nccl"))]
+            Err(TrainerError::invalid(
+                "dist.backend",
+                "this kiln was built without the `nccl` feature (cargo build --features nccl)",
+            ))
+        }
+    }
+}
+
+/// The device a rank computes on: its GPU under NCCL (feature `cuda`), the CPU otherwise.
+fn device_for(backend: &str, rank: usize) -> Device {
+    #[cfg(feature = "cuda")]
+    if backend == "nccl" {
+        let local = kiln_dist::RankEnv::detect()
+            .ok()
+            .flatten()
+            .map_or(rank, |e| e.local_rank);
+        return Device::cuda(local).autodiff();
+    }
+    let _ = (backend, rank);
+    Device::flex().autodiff()
+}
+
+/// The policy of `precision.compute`.
+pub fn policy_of(compute: ComputeDtype) -> Policy {
+    match compute {
+        ComputeDtype::F32 => Policy::f32(),
+        ComputeDtype::Bf16 => Policy::bf16(),
+        ComputeDtype::F16 => Policy::fp16(),
+    }
+}
+
+/// The stage of `zero.stage`.
+pub fn stage_of(stage: u8) -> Result<Stage> {
+    Ok(match stage {
+        0 => Stage::Ddp,
+        1 => Stage::One,
+        2 => Stage::Two,
+        3 => Stage::Three,
+        s => {
+            return Err(TrainerError::invalid(
+                "zero.stage",
+                format!("{s}: must be 0, 1, 2 or 3"),
+            ));
+        }
+    })
+}
+
+/// The LoRA config of the run (PEFT semantics), if LoRA is on.
+pub fn lora_config(config: &TrainConfig) -> Option<kiln_lora::LoraConfig> {
+    let l = &config.lora;
+    l.enabled.then(|| kiln_lora::LoraConfig {
+        r: l.r,
+        alpha: l.alpha,
+        dropout: l.dropout,
+        target_modules: TargetModules::Names(l.target_modules.clone()),
+        use_rslora: l.use_rslora,
+        ..Default::default()
+    })
+}
+
+/// Builds the model every rank starts from: the pretrained weights or a seeded random init,
+/// with the LoRA adapter attached (a loaded PEFT adapter, or a fresh one from the seed).
+/// Returns the model and whether a parameter path trains.
+pub fn build_model(
+    config: &TrainConfig,
+    model_config: &LlamaConfig,
+    device: &Device,
+) -> Result<(Llama, fn(&str) -> bool)> {
+    let model = match &config.model.pretrained {
+        Some(dir) => Llama::from_pretrained(dir, device, DType::F32)?.1,
+        None => Llama::random(model_config, config.train.seed, device, DType::F32)?,
+    };
+    let Some(lora) = lora_config(config) else {
+        return Ok((model, |_| true));
+    };
+    let mut lora_model = LoraModel::new(model);
+    match &config.lora.adapter {
+        Some(dir) => lora_model.load_adapter("default", dir)?,
+        None => lora_model.add_adapter("default", lora, config.train.seed ^ 0x4C6F_5241)?,
+    }
+    Ok((lora_model.into_model(), |p| p.contains(".lora.")))
+}
+
+fn batches(
+    model_config: &LlamaConfig,
+    rows: &[Example],
+    micro: usize,
+    device: &Device,
+    dtype: DType,
+) -> Result<Vec<Batch>> {
+    micro_batches(rows, micro)?
+        .into_iter()
+        .map(|rows| {
+            let ids = rows.iter().flat_map(|r| r.ids.iter().copied()).collect();
+            let labels = rows.iter().flat_map(|r| r.labels.iter().copied()).collect();
+            let seq = rows.first().map_or(1, |r| r.ids.len());
+            Batch::new(model_config, ids, labels, seq, device, dtype)
+        })
+        .collect()
+}
+
+/// One rank's run.
+fn rank_main(
+    comm: Communicator,
+    config: &TrainConfig,
+    resume: &Resume,
+    backend: &str,
+) -> Result<TrainSummary> {
+    let (rank, world) = (comm.rank(), comm.world_size());
+    let lead = rank == 0;
+    let device = device_for(backend, rank);
+    let tokenizer = Tokenizer::from_spec(&config.data.tokenizer)?;
+    let dataset = Dataset::new(&config.data, tokenizer, config.train.seed)?;
+    let model_config = config.model_config()?;
+    let policy = policy_of(config.precision.compute);
+    let stage = stage_of(config.zero.stage)?;
+    let (model, trainable) = build_model(config, &model_config, &device)?;
+    let total_params = kiln_zero::named_params(&model)?
+        .iter()
+        .map(|(_, d)| d.num_elements())
+        .sum::<usize>();
+    let trainable_params = kiln_zero::named_params_where(&model, &|p| trainable(p))?
+        .iter()
+        .map(|(_, d)| d.num_elements())
+        .sum::<usize>();
+    let o = &config.optim;
+    let zc = kiln_zero::ZeroConfig {
+        stage,
+        policy,
+        adamw: AdamWConfig {
+            beta1: o.betas[0],
+            beta2: o.betas[1],
+            eps: o.eps,
+        },
+        group: ParamGroup {
+            lr: o.lr,
+            weight_decay: o.weight_decay,
+        },
+        max_grad_norm: o.max_grad_norm,
+    };
+    let mut engine = Engine::new(LlamaUnits::new(model), comm, zc, trainable)?;
+
+    let out_dir = config.train.output_dir.clone();
+    let ckpt_root = out_dir.join("checkpoints");
+    if lead {
+        std::fs::create_dir_all(&out_dir).map_err(|e| TrainerError::io(&out_dir, e))?;
+        std::fs::write(out_dir.join("config.toml"), config.to_toml()?)
+            .map_err(|e| TrainerError::io(&out_dir, e))?;
+    }
+    let state_of = |step: u64, pos: DataPosition, skipped: u64| -> Result<serde_json::Value> {
+        let s = TrainerState {
+            step,
+            data_position: pos,
+            skipped_steps: skipped,
+            model_config: model_config.to_hf_json(),
+            lora: lora_config(config).map(|l| l.to_json()),
+            config: config.to_toml()?,
+        };
+        serde_json::to_value(s).map_err(|e| TrainerError::Checkpoint(e.to_string()))
+    };
+
+    let mut step = 0u64;
+    let mut pos = DataPosition::default();
+    let mut skipped = 0u64;
+    let from = match resume {
+        Resume::No => None,
+        Resume::Latest => latest_checkpoint(&ckpt_root)?,
+        Resume::From(dir) => Some(dir.clone()),
+    };
+    if let Some(dir) = &from {
+        let extra = engine.load_checkpoint(dir)?;
+        let s: TrainerState = serde_json::from_value(extra).map_err(|e| {
+            TrainerError::Checkpoint(format!("{}: trainer state: {e}", dir.display()))
+        })?;
+        (step, pos, skipped) = (s.step, s.data_position, s.skipped_steps);
+        if lead {
+            eprintln!("kiln: resumed from {} at step {step}", dir.display());
+        }
+    }
+
+    let total = config.train.steps;
+    let micro = config.train.micro_batch;
+    let mut metrics = if lead {
+        Some(MetricsWriter::create(&out_dir)?)
+    } else {
+        None
+    };
+    let mut progress = lead.then(|| Progress::new(total, config.train.log_interval.max(1)));
+    if lead {
+        let line = format!(
+            "kiln train: Llama {:.2}M params ({} trainable), {:?} compute, ZeRO {:?}, {world} ranks ({backend}), {} steps x {} rows x {} tokens",
+            total_params as f64 / 1e6,
+            trainable_params,
+            policy.compute,
+            stage,
+            total,
+            config.train.global_batch,
+            dataset.seq_len()
+        );
+        if let Some(p) = progress.as_mut() {
+            p.println(&line);
+        }
+    }
+    let interrupted = interrupted_flag();
+    let start = Instant::now();
+    let mut tokens_done = 0u64;
+    let (mut first_loss, mut last_loss) = (None, None);
+    let mut last_ckpt = from.clone();
+    let mut was_interrupted = false;
+    let mut eval = None;
+    let save = |engine: &mut Engine<LlamaUnits>,
+                step: u64,
+                pos: DataPosition,
+                skipped: u64|
+     -> Result<PathBuf> {
+        let dir =
+            engine.save_checkpoint(&ckpt_root, &format!("step-{step:08}"), state_of(step, pos, skipped)?)?;
+        Ok(dir)
+    };
+    while step < total {
+        let lr = crate::schedule::lr_at(step, &config.optim, total);
+        engine.set_lr(lr)?;
+        let rows = dataset.global_batch(&mut pos, config.train.global_batch)?;
+        let mine = rank_slice(&rows, rank, world)?;
+        let micro_batches = batches(&model_config, mine, micro, &device, policy.compute)?;
+        let t = Instant::now();
+        let r: StepReport = engine.step(&micro_batches)?;
+        step += 1;
+        tokens_done += r.tokens;
+        if r.found_inf {
+            skipped += 1;
+        }
+        first_loss.get_or_insert(r.loss);
+        last_loss = Some(r.loss);
+        let mem = engine.memory().total();
+        let mut all_mem = vec![0f32; world];
+        all_mem[rank] = mem as f32;
+        engine.comm().all_reduce(&mut all_mem, ReduceOp::Sum)?;
+        let tokens_per_s = r.tokens as f64 / t.elapsed().as_secs_f64().max(1e-9);
+        if let Some(m) = metrics.as_mut() {
+            m.train(TrainRecord {
+                step,
+                loss: r.loss,
+                lr,
+                grad_norm: r.grad_norm,
+                loss_scale: r.scale,
+                skipped_steps: skipped,
+                tokens_per_s,
+                mem_bytes_per_rank: all_mem.iter().map(|&b| b as u64).collect(),
+            })?;
+        }
+        if let Some(p) = progress.as_mut() {
+            p.update(&ProgressStats {
+                step,
+                loss: r.loss,
+                tokens_per_s,
+                lr,
+                loss_scale: r.scale,
+            });
+        }
+        let mut stop = [if interrupted.load(Ordering::SeqCst) { 1i64 } else { 0 }];
+        engine.comm().all_reduce(&mut stop, ReduceOp::Max)?;
+        let every = config.train.checkpoint_interval;
+        if stop[0] != 0 || (every > 0 && step % every == 0) {
+            last_ckpt = Some(save(&mut engine, step, pos, skipped)?);
+        }
+        if stop[0] != 0 {
+            was_interrupted = true;
+            break;
+        }
+        let every = config.train.eval_interval;
+        if every > 0 && step % every == 0 && step < total {
+            let e = evaluate(&mut engine, &dataset, &model_config, config, step, &device, false)?;
+            if let (Some(m), Some(e)) = (metrics.as_mut(), &e) {
+                m.eval(EvalRecord {
+                    step,
+                    eval_loss: e.loss,
+                    perplexity: e.perplexity,
+                    accuracy: e.accuracy,
+                })?;
+            }
+        }
+    }
+    let wall = start.elapsed();
+    if let Some(p) = progress.as_mut() {
+        p.finish();
+    }
+    if !was_interrupted {
+        if last_ckpt.as_ref().is_none_or(|c| !c.ends_with(format!("step-{step:08}"))) {
+            last_ckpt = Some(save(&mut engine, step, pos, skipped)?);
+        }
+        eval = evaluate(&mut engine, &dataset, &model_config, config, step, &device, true)?;
+        if let (Some(m), Some(e)) = (metrics.as_mut(), &eval) {
+            m.eval(EvalRecord {
+                step,
+                eval_loss: e.loss,
+                perplexity: e.perplexity,
+                accuracy: e.accuracy,
+            })?;
+        }
+    }
+    let memory = engine.memory();
+    if let Some(m) = &metrics {
+        let records = crate::metrics::read_metrics(m.path())?;
+        let series = crate::metrics::loss_series(&records);
+        crate::plot::write_loss_svg(&out_dir.join("loss.svg"), &series.0, &series.1)?;
+    }
+    let summary = TrainSummary {
+        steps: step,
+        first_loss,
+        last_loss,
+        skipped_steps: skipped,
+        wall_s: wall.as_secs_f64(),
+        tokens_per_s: tokens_done as f64 / wall.as_secs_f64().max(1e-9),
+        trainable_params,
+        total_params,
+        optimizer_bytes: memory.optimizer,
+        model_state_bytes: memory.total(),
+        eval,
+        checkpoint: last_ckpt,
+        interrupted: was_interrupted,
+        world_size: world,
+        backend: backend.into(),
+    };
+    if lead {
+        let json = serde_json::to_string_pretty(&summary)
+            .map_err(|e| TrainerError::Checkpoint(e.to_string()))?;
+        std::fs::write(out_dir.join("summary.json"), json)
+            .map_err(|e| TrainerError::io(&out_dir, e))?;
+    }
+    Ok(summary)
+}
+
+/// Held-out loss over all ranks and, on rank 0, exact-match accuracy by greedy generation
+/// (addition). A collective: every rank calls it. Returns `Some` on rank 0.
+fn evaluate(
+    engine: &mut Engine<LlamaUnits>,
+    dataset: &Dataset,
+    model_config: &LlamaConfig,
+    config: &TrainConfig,
+    step: u64,
+    device: &Device,
+    with_samples: bool,
+) -> Result<Option<EvalResult>> {
+    let (rank, world) = (engine.comm().rank(), engine.comm().world_size());
+    let policy = policy_of(config.precision.compute);
+    let rows = rank_slice(dataset.eval(), rank, world)?;
+    let micro = config.train.micro_batch.max(1);
+    let local = if rows.is_empty() {
+        vec![]
+    } else {
+        batches(model_config, rows, micro, device, policy.compute)?
+    };
+    let (sum, tokens) = engine.evaluate(&local)?;
+    let loss = (sum / tokens.max(1) as f64) as f32;
+    // Generation needs the whole model on one rank: gather it (a collective), run on rank 0.
+    let params = engine.full_params()?;
+    if rank != 0 {
+        return Ok(None);
+    }
+    let mut accuracy = None;
+    let mut samples = vec![];
+    if let Some(task) = dataset.addition() {
+        let model = model_from_params(config, model_config, params, &Device::flex(), policy.compute)?;
+        let (acc, s) = addition_accuracy(&model, model_config, task, dataset, with_samples)?;
+        accuracy = Some(acc);
+        samples = s;
+    }
+    Ok(Some(EvalResult {
+        step,
+        loss,
+        perplexity: loss.exp(),
+        accuracy,
+        samples,
+    }))
+}
+
+/// A model of this run's shape (with the LoRA factors when on) holding `params`.
+pub fn model_from_params(
+    config: &TrainConfig,
+    model_config: &LlamaConfig,
+    params: Vec<(String, burn::tensor::TensorData)>,
+    device: &Device,
+    dtype: DType,
+) -> Result<Llama> {
+    let mut config = config.clone();
+    config.model.pretrained = None;
+    config.lora.adapter = None;
+    let (model, _) = build_model(&config, model_config, device)?;
+    let values = params
+        .into_iter()
+        .map(|(p, d)| (p, d.convert_dtype(dtype)))
+        .collect();
+    Ok(kiln_zero::load_params(model, &values)?)
+}
+
+/// Greedy exact-match accuracy on the held-out addition pairs, and a few samples.
+pub fn addition_accuracy(
+    model: &Llama,
+    model_config: &LlamaConfig,
+    task: &AdditionTask,
+    dataset: &Dataset,
+    with_samples: bool,
+) -> Result<(f32, Vec<(String, String)>)> {
+    let tok = dataset.tokenizer();
+    let pairs = dataset.eval_pairs();
+    let digits = task.answer(0, 0).len();
+    let settings = GenerateConfig {
+        max_new_tokens: digits + 1,
+        greedy: true,
+        eos_token_id: Some(tok.eos()),
+        ..Default::default()
+    };
+    let mut correct = 0usize;
+    let mut samples = vec![];
+    for chunk in pairs.chunks(64) {
+        let prompts = chunk
+            .iter()
+            .map(|&(a, b)| {
+                let mut ids: Vec<i64> = tok.bos().into_iter().collect();
+                ids.extend(tok.encode(&task.prompt(a, b))?);
+                Ok(ids)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let out = generate(model, model_config, &prompts, &settings, &Device::flex())?;
+        for (&(a, b), ids) in chunk.iter().zip(out) {
+            let ids: Vec<i64> = ids.into_iter().filter(|&t| t != tok.eos()).collect();
+            let text = tok.decode(&ids)?;
+            let right = task.exact_match(&text, a, b);
+            if right {
+                correct += 1;
+            }
+            if with_samples && samples.len() < 5 {
+                samples.push((
+                    task.prompt(a, b),
+                    format!(
+                        "{text}   (reads {}; {} {})",
+                        AdditionTask::readable(&text),
+                        if right { "right:" } else { "wrong, want" },
+                        a + b
+                    ),
+                ));
+            }
+        }
+    }
+    Ok((correct as f32 / pairs.len().max(1) as f32, samples))
+}
+
+/// Reads a checkpoint's trainer state: the run's config and where it stopped.
+pub fn checkpoint_config(dir: &Path) -> Result<(TrainConfig, u64)> {
+    let m = kiln_zero::read_manifest(dir)?;
+    let s: TrainerState = serde_json::from_value(m.extra)
+        .map_err(|e| TrainerError::Checkpoint(format!("{}: trainer state: {e}", dir.display())))?;
+    Ok((TrainConfig::from_toml_str(&s.config)?, s.step))
+}
+
+/// The elapsed time as `1m 02s`.
+pub fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    format!("{}m {:02}s", s / 60, s % 60)
+}

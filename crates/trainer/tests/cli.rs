@@ -1,0 +1,340 @@
+//! The `kiln` binary end to end on the tiny synthetic task: every ZeRO stage, bf16 and f16,
+//! LoRA, 1 and 2 ranks; resume; export and load the export; eval and generate on the fixture
+//! Llama; invalid configs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("run kiln")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = kiln(args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "kiln {args:?} failed:\n{text}");
+    text
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = kiln(args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "kiln {args:?} should fail");
+    err
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kiln-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn fixtures() -> PathBuf {
+    std::env::var_os("KILN_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
+}
+
+/// A few steps of the tiny addition job.
+fn tiny(out: &Path, steps: u64, extra: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = [
+        format!("train.output_dir={}", out.display()),
+        format!("train.steps={steps}"),
+        "train.global_batch=8".into(),
+        "train.micro_batch=2".into(),
+        "train.log_interval=1".into(),
+        "data.digits=2".into(),
+        "data.seq_len=16".into(),
+        "data.eval_examples=8".into(),
+    ]
+    .into_iter()
+    .flat_map(|s| ["--set".to_string(), s])
+    .collect();
+    for e in extra {
+        args.push("--set".into());
+        args.push(e.clone());
+    }
+    args
+}
+
+fn train(out: &Path, steps: u64, extra: &[&str]) -> String {
+    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    let mut args = vec!["train".to_string()];
+    args.extend(tiny(out, steps, &extra));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&args)
+}
+
+/// (step, loss) of every training record in `metrics.jsonl`.
+fn losses(out: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?))
+        })
+        .collect()
+}
+
+#[test]
+fn every_stage_and_precision_trains_on_one_and_two_ranks() {
+    for (stage, compute, world) in [
+        ("0", "bf16", "2"),
+        ("1", "bf16", "2"),
+        ("2", "f16", "2"),
+        ("3", "bf16", "2"),
+        ("3", "f16", "1"),
+        ("3", "f32", "2"),
+    ] {
+        let out = scratch(&format!("stage{stage}-{compute}-{world}"));
+        let text = train(
+            &out,
+            3,
+            &[
+                &format!("zero.stage={stage}"),
+                &format!("precision.compute={compute}"),
+                &format!("dist.world_size={world}"),
+            ],
+        );
+        assert!(text.contains("exact-match accuracy"), "{text}");
+        let l = losses(&out);
+        assert_eq!(l.len(), 3, "stage {stage} {compute}: {l:?}");
+        assert!(l.iter().all(|(_, x)| x.is_finite()));
+        assert!(out.join("loss.svg").is_file());
+        assert!(out.join("checkpoints/latest").is_file());
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+#[test]
+fn the_same_run_on_one_and_two_ranks_has_the_same_losses() {
+    let (a, b) = (scratch("ranks1"), scratch("ranks2"));
+    train(&a, 3, &["zero.stage=3", "precision.compute=f32", "dist.world_size=1"]);
+    train(&b, 3, &["zero.stage=3", "precision.compute=f32", "dist.world_size=2"]);
+    for ((s, x), (_, y)) in losses(&a).iter().zip(losses(&b)) {
+        assert!((x - y).abs() <= 1e-5 * y.abs(), "step {s}: {x} vs {y}");
+    }
+    let _ = std::fs::remove_dir_all(&a);
+    let _ = std::fs::remove_dir_all(&b);
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_resume_continues_bit_identically() {
+    let (straight, resumed) = (scratch("straight"), scratch("resumed"));
+    let common = ["zero.stage=3", "precision.compute=bf16", "dist.world_size=2"];
+    let steps = 12;
+    train(&straight, steps, &common);
+    let extra: Vec<String> = common.iter().map(|s| s.to_string()).collect();
+    let mut args = vec!["train".to_string()];
+    args.extend(tiny(&resumed, steps, &extra));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = resumed.join("metrics.jsonl");
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
+        assert!(start.elapsed().as_secs() < 300, "the run never reached step 3");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    assert!(child.wait().unwrap().success(), "Ctrl-C must end the run cleanly");
+    let stopped = losses(&resumed).len() as u64;
+    assert!(stopped < steps, "interrupted after {stopped} of {steps} steps");
+    assert!(resumed.join("checkpoints/latest").is_file());
+    args.push("--resume".into());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let text = ok(&args);
+    assert!(text.contains("resumed from"), "{text}");
+    assert_eq!(losses(&straight), losses(&resumed), "stopped after step {stopped}");
+    let _ = std::fs::remove_dir_all(&straight);
+    let _ = std::fs::remove_dir_all(&resumed);
+}
+
+#[test]
+fn lora_trains_exports_peft_and_merges() {
+    let out = scratch("lora");
+    let text = train(
+        &out,
+        3,
+        &["lora.enabled=true", "lora.r=4", "zero.stage=3", "dist.world_size=2"],
+    );
+    assert!(text.contains("parameters trained"), "{text}");
+    let ckpt = out.join("checkpoints/step-00000003");
+    let peft = out.join("peft");
+    ok(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--out",
+        peft.to_str().unwrap(),
+        "--peft",
+    ]);
+    // PEFT's names, shapes and config fields, as in the fixture adapter.
+    let ours: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let theirs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("lora/adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    for key in ["r", "lora_alpha", "target_modules", "peft_type", "task_type", "fan_in_fan_out"] {
+        assert!(ours.get(key).is_some(), "adapter_config.json lacks {key}");
+        assert!(theirs.get(key).is_some());
+    }
+    assert_eq!(ours["r"], 4);
+    let bytes = std::fs::read(peft.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    assert!(
+        names.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), 2 * 2 * 2, "2 layers x q,v x A,B: {names:?}");
+    // The adapter loads back onto the base with kiln-lora.
+    let merged = out.join("merged");
+    ok(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+        "--merge",
+    ]);
+    let text = ok(&[
+        "generate",
+        "--pretrained",
+        merged.to_str().unwrap(),
+        "--prompt",
+        "12+34=",
+        "--greedy",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert!(text.contains("12+34="), "{text}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn export_then_load_the_export_gives_the_same_eval() {
+    let out = scratch("export");
+    train(&out, 3, &["zero.stage=2", "dist.world_size=2", "precision.compute=f32"]);
+    let ckpt = out.join("checkpoints/step-00000003");
+    let hf = out.join("hf");
+    ok(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--out",
+        hf.to_str().unwrap(),
+    ]);
+    assert!(hf.join("model.safetensors").is_file() && hf.join("config.json").is_file());
+    let set = ["--set", "precision.compute=f32", "--set", "data.digits=2", "--set", "data.seq_len=16", "--set", "data.eval_examples=8"];
+    let mut a = vec!["eval", "--checkpoint", ckpt.to_str().unwrap()];
+    a.extend(set);
+    let from_ckpt = ok(&a);
+    let mut b = vec!["eval", "--pretrained", hf.to_str().unwrap()];
+    b.extend(set);
+    let from_hf = ok(&b);
+    let loss = |t: &str| {
+        t.split("held-out loss ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .map(str::to_string)
+    };
+    assert_eq!(loss(&from_ckpt), loss(&from_hf), "{from_ckpt}\n{from_hf}");
+    assert!(loss(&from_ckpt).is_some());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn eval_and_generate_on_the_fixture_llama() {
+    let model = fixtures().join("llama/model");
+    let dir = scratch("fixture-eval");
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    let out = ok(&[
+        "eval",
+        "--pretrained",
+        model.to_str().unwrap(),
+        "--set",
+        "precision.compute=f32",
+        "--set",
+        "data.seq_len=32",
+        "--data",
+        text.to_str().unwrap(),
+    ]);
+    assert!(out.contains("perplexity"), "{out}");
+    let sample = |seed: &str| {
+        ok(&[
+            "generate",
+            "--pretrained",
+            model.to_str().unwrap(),
+            "--prompt",
+            "hello",
+            "--max-new-tokens",
+            "8",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+        ])
+    };
+    assert_eq!(sample("1"), sample("1"), "same seed, same sample");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn estimate_prints_the_seed_table() {
+    let out = ok(&["estimate", "--psi", "7.5e9", "-n", "64"]);
+    for total in ["| 120.0 |", "| 31.4 |", "| 16.6 |", "| 1.9 |"] {
+        assert!(out.contains(total), "{total} missing:\n{out}");
+    }
+    let model = fixtures().join("llama/model/config.json");
+    let out = ok(&[
+        "estimate",
+        "--model",
+        model.to_str().unwrap(),
+        "-n",
+        "4",
+        "--batch",
+        "2",
+        "--seq",
+        "64",
+    ]);
+    assert!(out.contains("activations"), "{out}");
+}
+
+#[test]
+fn invalid_configs_name_the_field() {
+    let e = fails(&["train", "--set", "optim.lrr=1"]);
+    assert!(e.contains("optim.lrr"), "{e}");
+    let e = fails(&["train", "--set", "zero.stage=7"]);
+    assert!(e.contains("zero.stage"), "{e}");
+    let e = fails(&["train", "--set", "optim.lr=-1"]);
+    assert!(e.contains("optim.lr"), "{e}");
+    let dir = scratch("badcfg");
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, "[optim]\nlr = \"fast\"\n").unwrap();
+    let e = fails(&["train", "--config", cfg.to_str().unwrap()]);
+    assert!(e.contains("bad.toml") && e.contains("lr"), "{e}");
+    let e = fails(&["export", "--checkpoint", dir.to_str().unwrap(), "--out", "x"]);
+    assert!(e.contains("manifest.json"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
