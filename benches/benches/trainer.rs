@@ -33,9 +33,12 @@ fn bare(c: &TrainConfig) -> f64 {
     let out = LocalWorld::run(c.dist.world_size, |comm| {
         let (rank, world) = (comm.rank(), comm.world_size());
         let device = Device::flex().autodiff();
-        let dataset =
-            Dataset::new(&c.data, Tokenizer::from_spec(&c.data.tokenizer).unwrap(), c.train.seed)
-                .unwrap();
+        let dataset = Dataset::new(
+            &c.data,
+            Tokenizer::from_spec(&c.data.tokenizer).unwrap(),
+            c.train.seed,
+        )
+        .unwrap();
         let mc = c.model_config().unwrap();
         let policy = policy_of(c.precision.compute);
         let (model, trainable) = build_model(c, &mc, &device).unwrap();
@@ -57,7 +60,9 @@ fn bare(c: &TrainConfig) -> f64 {
         let mut pos = DataPosition::default();
         let steps: Vec<Vec<Batch>> = (0..STEPS)
             .map(|_| {
-                let rows = dataset.global_batch(&mut pos, c.train.global_batch).unwrap();
+                let rows = dataset
+                    .global_batch(&mut pos, c.train.global_batch)
+                    .unwrap();
                 let mine = rank_slice(&rows, rank, world).unwrap();
                 micro_batches(mine, c.train.micro_batch)
                     .unwrap()
@@ -98,7 +103,13 @@ fn trainer(c: &mut Criterion) {
     println!("\n| run | kiln train loop, ms/step | bare Engine::step, ms/step | ratio |");
     println!("| --- | --- | --- | --- |");
     for (i, (k, e)) in rows.iter().enumerate() {
-        println!("| {} | {:.1} | {:.1} | {:.3} |", i + 1, k * 1e3, e * 1e3, k / e);
+        println!(
+            "| {} | {:.1} | {:.1} | {:.3} |",
+            i + 1,
+            k * 1e3,
+            e * 1e3,
+            k / e
+        );
     }
     let _ = c;
 }

@@ -75,8 +75,10 @@ fn print_eval(e: &EvalResult) {
         "kiln: held-out loss {:.4}, perplexity {:.3}{}",
         e.loss,
         e.perplexity,
-        e.accuracy
-            .map_or(String::new(), |a| format!(", exact-match accuracy {:.1}%", a * 100.0))
+        e.accuracy.map_or(String::new(), |a| format!(
+            ", exact-match accuracy {:.1}%",
+            a * 100.0
+        ))
     );
     for (prompt, completion) in &e.samples {
         println!("  {prompt}{completion}");
@@ -125,7 +127,9 @@ pub fn load_model(
             let dtype = policy_of(config.precision.compute).compute;
             let (_, model) = Llama::from_pretrained(dir, device, dtype)?;
             let mut tokenizer = Tokenizer::from_spec(&config.data.tokenizer)?;
-            if matches!(tokenizer, Tokenizer::Byte) && model_config.vocab_size < tokenizer.vocab_size() {
+            if matches!(tokenizer, Tokenizer::Byte)
+                && model_config.vocab_size < tokenizer.vocab_size()
+            {
                 tokenizer = byte_tokenizer_of(dir, &model_config)?;
             }
             Ok(Loaded {
@@ -216,7 +220,8 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalResult> {
     let loss = (sum / count) as f32;
     let (accuracy, samples) = match dataset.addition() {
         Some(task) => {
-            let (a, s) = addition_accuracy(&loaded.model, &loaded.model_config, task, &dataset, true)?;
+            let (a, s) =
+                addition_accuracy(&loaded.model, &loaded.model_config, task, &dataset, true)?;
             (Some(a), s)
         }
         None => (None, vec![]),

@@ -1,7 +1,7 @@
 //! `TrainConfig`: the TOML job description, with `--set key=value` overrides.
 //!
 //! Every field has a default, so an empty file (or no file) is the built-in job: the
-//! `tiny-addition` Llama learning 3-digit addition on 2 thread ranks in bf16 with ZeRO-3.
+//! `tiny-addition` Llama learning 2-digit addition on 2 thread ranks in bf16 with ZeRO-3.
 //!
 //! ```toml
 //! [model]
@@ -691,7 +691,7 @@ mod tests {
                 "data.task=text",
                 "data.paths=[\"a.txt\", \"b.txt\"]",
                 "dist.world_size=4",
-                "train.global_batch=64",
+                "train.global_batch=128",
                 "lora.enabled=true",
                 "lora.target_modules=[\"q_proj\"]",
                 "data.tokenizer=/tmp/tok.json",
@@ -787,7 +787,7 @@ mod tests {
             ("optim.lr=-1e-3", "optim.lr"),
             ("optim.betas=[0.9, 1.0]", "optim.betas[1]"),
             ("data.seq_len=4", "data.seq_len"),
-            ("data.seq_len=13", "data.seq_len"),
+            ("data.seq_len=10", "data.seq_len"),
             ("data.digits=0", "data.digits"),
             ("zero.stage=4", "zero.stage"),
             ("dist.world_size=0", "dist.world_size"),

@@ -44,7 +44,11 @@ pub enum Tokenizer {
     Byte,
     /// UTF-8 bytes 0..=255 with a model's own special ids inside that range (a byte-level HF
     /// model with a 256-token vocabulary, like the fixture Llama: BOS 1, EOS 2, PAD = EOS).
-    ByteSpecial { bos: Option<i64>, eos: i64, pad: i64 },
+    ByteSpecial {
+        bos: Option<i64>,
+        eos: i64,
+        pad: i64,
+    },
     /// A Hugging Face tokenizer (cargo feature `hf-tokenizer`).
     #[cfg(feature = "hf-tokenizer")]
     Hf(Box<HfTokenizer>),

@@ -49,7 +49,8 @@ pub fn export(checkpoint: &Path, out: &Path, merge: bool, dtype: DType) -> Resul
     let (manifest, params) = kiln_zero::read_full_checkpoint(checkpoint)?;
     let (config, lora) = checkpoint_configs(&manifest.extra, checkpoint)?;
     std::fs::create_dir_all(out).map_err(|e| TrainerError::io(out, e))?;
-    let (adapter, base): (Vec<_>, Vec<_>) = params.into_iter().partition(|(p, _)| p.contains(".lora."));
+    let (adapter, base): (Vec<_>, Vec<_>) =
+        params.into_iter().partition(|(p, _)| p.contains(".lora."));
     let write_model = |tensors: Vec<(String, TensorData)>| -> Result<Exported> {
         let n = tensors.iter().map(|(_, d)| d.num_elements()).sum();
         save_safetensors(&tensors, dtype, out.join("model.safetensors"))?;
@@ -77,9 +78,10 @@ pub fn export(checkpoint: &Path, out: &Path, merge: bool, dtype: DType) -> Resul
     }
     let factor = |module: &str, f: Factor| -> Result<TensorData> {
         let key = burn_factor_path(module, f);
-        factors.get(&key).cloned().ok_or_else(|| {
-            TrainerError::Checkpoint(format!("{}: no {key}", checkpoint.display()))
-        })
+        factors
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| TrainerError::Checkpoint(format!("{}: no {key}", checkpoint.display())))
     };
     if !merge {
         let mut tensors = BTreeMap::new();

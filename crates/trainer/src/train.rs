@@ -321,6 +321,9 @@ fn rank_main(
         }
     }
 
+    if lead {
+        trim_metrics(&out_dir, from.as_ref().map(|_| step))?;
+    }
     let total = config.train.steps;
     let micro = config.train.micro_batch;
     let mut metrics = if lead {
@@ -356,8 +359,11 @@ fn rank_main(
                 pos: DataPosition,
                 skipped: u64|
      -> Result<PathBuf> {
-        let dir =
-            engine.save_checkpoint(&ckpt_root, &format!("step-{step:08}"), state_of(step, pos, skipped)?)?;
+        let dir = engine.save_checkpoint(
+            &ckpt_root,
+            &format!("step-{step:08}"),
+            state_of(step, pos, skipped)?,
+        )?;
         Ok(dir)
     };
     while step < total {
@@ -401,7 +407,11 @@ fn rank_main(
                 loss_scale: r.scale,
             });
         }
-        let mut stop = [if interrupted.load(Ordering::SeqCst) { 1i64 } else { 0 }];
+        let mut stop = [if interrupted.load(Ordering::SeqCst) {
+            1i64
+        } else {
+            0
+        }];
         engine.comm().all_reduce(&mut stop, ReduceOp::Max)?;
         let every = config.train.checkpoint_interval;
         if stop[0] != 0 || (every > 0 && step % every == 0) {
@@ -413,7 +423,15 @@ fn rank_main(
         }
         let every = config.train.eval_interval;
         if every > 0 && step % every == 0 && step < total {
-            let e = evaluate(&mut engine, &dataset, &model_config, config, step, &device, false)?;
+            let e = evaluate(
+                &mut engine,
+                &dataset,
+                &model_config,
+                config,
+                step,
+                &device,
+                false,
+            )?;
             if let (Some(m), Some(e)) = (metrics.as_mut(), &e) {
                 m.eval(EvalRecord {
                     step,
@@ -429,10 +447,21 @@ fn rank_main(
         p.finish();
     }
     if !was_interrupted {
-        if last_ckpt.as_ref().is_none_or(|c| !c.ends_with(format!("step-{step:08}"))) {
+        if last_ckpt
+            .as_ref()
+            .is_none_or(|c| !c.ends_with(format!("step-{step:08}")))
+        {
             last_ckpt = Some(save(&mut engine, step, pos, skipped)?);
         }
-        eval = evaluate(&mut engine, &dataset, &model_config, config, step, &device, true)?;
+        eval = evaluate(
+            &mut engine,
+            &dataset,
+            &model_config,
+            config,
+            step,
+            &device,
+            true,
+        )?;
         if let (Some(m), Some(e)) = (metrics.as_mut(), &eval) {
             m.eval(EvalRecord {
                 step,
@@ -474,6 +503,31 @@ fn rank_main(
     Ok(summary)
 }
 
+/// A fresh run starts a new `metrics.jsonl`; a resumed one keeps the records up to the step it
+/// resumes at (a run killed after its last checkpoint logged steps that will be redone).
+fn trim_metrics(out_dir: &Path, resumed_at: Option<u64>) -> Result<()> {
+    let path = out_dir.join("metrics.jsonl");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let kept: String = match resumed_at {
+        None => String::new(),
+        Some(step) => text
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v.get("step")?.as_u64())
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect(),
+    };
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, kept).map_err(|e| TrainerError::io(&tmp, e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| TrainerError::io(&path, e))
+}
+
 /// Held-out loss over all ranks and, on rank 0, exact-match accuracy by greedy generation
 /// (addition). A collective: every rank calls it. Returns `Some` on rank 0.
 fn evaluate(
@@ -504,7 +558,13 @@ fn evaluate(
     let mut accuracy = None;
     let mut samples = vec![];
     if let Some(task) = dataset.addition() {
-        let model = model_from_params(config, model_config, params, &Device::flex(), policy.compute)?;
+        let model = model_from_params(
+            config,
+            model_config,
+            params,
+            &Device::flex(),
+            policy.compute,
+        )?;
         let (acc, s) = addition_accuracy(&model, model_config, task, dataset, with_samples)?;
         accuracy = Some(acc);
         samples = s;

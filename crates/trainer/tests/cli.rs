@@ -117,8 +117,16 @@ fn every_stage_and_precision_trains_on_one_and_two_ranks() {
 #[test]
 fn the_same_run_on_one_and_two_ranks_has_the_same_losses() {
     let (a, b) = (scratch("ranks1"), scratch("ranks2"));
-    train(&a, 3, &["zero.stage=3", "precision.compute=f32", "dist.world_size=1"]);
-    train(&b, 3, &["zero.stage=3", "precision.compute=f32", "dist.world_size=2"]);
+    train(
+        &a,
+        3,
+        &["zero.stage=3", "precision.compute=f32", "dist.world_size=1"],
+    );
+    train(
+        &b,
+        3,
+        &["zero.stage=3", "precision.compute=f32", "dist.world_size=2"],
+    );
     for ((s, x), (_, y)) in losses(&a).iter().zip(losses(&b)) {
         assert!((x - y).abs() <= 1e-5 * y.abs(), "step {s}: {x} vs {y}");
     }
@@ -129,7 +137,11 @@ fn the_same_run_on_one_and_two_ranks_has_the_same_losses() {
 #[test]
 fn ctrl_c_saves_a_checkpoint_and_resume_continues_bit_identically() {
     let (straight, resumed) = (scratch("straight"), scratch("resumed"));
-    let common = ["zero.stage=3", "precision.compute=bf16", "dist.world_size=2"];
+    let common = [
+        "zero.stage=3",
+        "precision.compute=bf16",
+        "dist.world_size=2",
+    ];
     let steps = 12;
     train(&straight, steps, &common);
     let extra: Vec<String> = common.iter().map(|s| s.to_string()).collect();
@@ -144,7 +156,10 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues_bit_identically() {
     let metrics = resumed.join("metrics.jsonl");
     let start = std::time::Instant::now();
     while std::fs::read_to_string(&metrics).map_or(0, |t| t.lines().count()) < 3 {
-        assert!(start.elapsed().as_secs() < 300, "the run never reached step 3");
+        assert!(
+            start.elapsed().as_secs() < 300,
+            "the run never reached step 3"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     let killed = Command::new("kill")
@@ -152,15 +167,25 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues_bit_identically() {
         .status()
         .unwrap();
     assert!(killed.success());
-    assert!(child.wait().unwrap().success(), "Ctrl-C must end the run cleanly");
+    assert!(
+        child.wait().unwrap().success(),
+        "Ctrl-C must end the run cleanly"
+    );
     let stopped = losses(&resumed).len() as u64;
-    assert!(stopped < steps, "interrupted after {stopped} of {steps} steps");
+    assert!(
+        stopped < steps,
+        "interrupted after {stopped} of {steps} steps"
+    );
     assert!(resumed.join("checkpoints/latest").is_file());
     args.push("--resume".into());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let text = ok(&args);
     assert!(text.contains("resumed from"), "{text}");
-    assert_eq!(losses(&straight), losses(&resumed), "stopped after step {stopped}");
+    assert_eq!(
+        losses(&straight),
+        losses(&resumed),
+        "stopped after step {stopped}"
+    );
     let _ = std::fs::remove_dir_all(&straight);
     let _ = std::fs::remove_dir_all(&resumed);
 }
@@ -171,7 +196,12 @@ fn lora_trains_exports_peft_and_merges() {
     let text = train(
         &out,
         3,
-        &["lora.enabled=true", "lora.r=4", "zero.stage=3", "dist.world_size=2"],
+        &[
+            "lora.enabled=true",
+            "lora.r=4",
+            "zero.stage=3",
+            "dist.world_size=2",
+        ],
     );
     assert!(text.contains("parameters trained"), "{text}");
     let ckpt = out.join("checkpoints/step-00000003");
@@ -192,7 +222,14 @@ fn lora_trains_exports_peft_and_merges() {
         &std::fs::read_to_string(fixtures().join("lora/adapter/adapter_config.json")).unwrap(),
     )
     .unwrap();
-    for key in ["r", "lora_alpha", "target_modules", "peft_type", "task_type", "fan_in_fan_out"] {
+    for key in [
+        "r",
+        "lora_alpha",
+        "target_modules",
+        "peft_type",
+        "task_type",
+        "fan_in_fan_out",
+    ] {
         assert!(ours.get(key).is_some(), "adapter_config.json lacks {key}");
         assert!(theirs.get(key).is_some());
     }
@@ -201,7 +238,9 @@ fn lora_trains_exports_peft_and_merges() {
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let names: Vec<String> = st.names().into_iter().map(String::from).collect();
     assert!(
-        names.contains(&"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()),
+        names.contains(
+            &"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight".to_string()
+        ),
         "{names:?}"
     );
     assert_eq!(names.len(), 2 * 2 * 2, "2 layers x q,v x A,B: {names:?}");
@@ -232,7 +271,11 @@ fn lora_trains_exports_peft_and_merges() {
 #[test]
 fn export_then_load_the_export_gives_the_same_eval() {
     let out = scratch("export");
-    train(&out, 3, &["zero.stage=2", "dist.world_size=2", "precision.compute=f32"]);
+    train(
+        &out,
+        3,
+        &["zero.stage=2", "dist.world_size=2", "precision.compute=f32"],
+    );
     let ckpt = out.join("checkpoints/step-00000003");
     let hf = out.join("hf");
     ok(&[
@@ -243,7 +286,16 @@ fn export_then_load_the_export_gives_the_same_eval() {
         hf.to_str().unwrap(),
     ]);
     assert!(hf.join("model.safetensors").is_file() && hf.join("config.json").is_file());
-    let set = ["--set", "precision.compute=f32", "--set", "data.digits=2", "--set", "data.seq_len=16", "--set", "data.eval_examples=8"];
+    let set = [
+        "--set",
+        "precision.compute=f32",
+        "--set",
+        "data.digits=2",
+        "--set",
+        "data.seq_len=16",
+        "--set",
+        "data.eval_examples=8",
+    ];
     let mut a = vec!["eval", "--checkpoint", ckpt.to_str().unwrap()];
     a.extend(set);
     let from_ckpt = ok(&a);
@@ -267,7 +319,11 @@ fn eval_and_generate_on_the_fixture_llama() {
     let dir = scratch("fixture-eval");
     std::fs::create_dir_all(&dir).unwrap();
     let text = dir.join("text.txt");
-    std::fs::write(&text, "the quick brown fox jumps over the lazy dog. ".repeat(40)).unwrap();
+    std::fs::write(
+        &text,
+        "the quick brown fox jumps over the lazy dog. ".repeat(40),
+    )
+    .unwrap();
     let out = ok(&[
         "eval",
         "--pretrained",
@@ -334,7 +390,13 @@ fn invalid_configs_name_the_field() {
     std::fs::write(&cfg, "[optim]\nlr = \"fast\"\n").unwrap();
     let e = fails(&["train", "--config", cfg.to_str().unwrap()]);
     assert!(e.contains("bad.toml") && e.contains("lr"), "{e}");
-    let e = fails(&["export", "--checkpoint", dir.to_str().unwrap(), "--out", "x"]);
+    let e = fails(&[
+        "export",
+        "--checkpoint",
+        dir.to_str().unwrap(),
+        "--out",
+        "x",
+    ]);
     assert!(e.contains("manifest.json"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
