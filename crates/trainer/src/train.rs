@@ -201,6 +201,9 @@ pub fn lora_config(config: &TrainConfig) -> Option<kiln_lora::LoraConfig> {
     })
 }
 
+/// Whether a parameter path trains.
+pub type Trainable = fn(&str) -> bool;
+
 /// Builds the model every rank starts from: the pretrained weights or a seeded random init,
 /// with the LoRA adapter attached (a loaded PEFT adapter, or a fresh one from the seed).
 /// Returns the model and whether a parameter path trains.
@@ -208,7 +211,7 @@ pub fn build_model(
     config: &TrainConfig,
     model_config: &LlamaConfig,
     device: &Device,
-) -> Result<(Llama, fn(&str) -> bool)> {
+) -> Result<(Llama, Trainable)> {
     let model = match &config.model.pretrained {
         Some(dir) => Llama::from_pretrained(dir, device, DType::F32)?.1,
         None => Llama::random(model_config, config.train.seed, device, DType::F32)?,
@@ -414,7 +417,7 @@ fn rank_main(
         }];
         engine.comm().all_reduce(&mut stop, ReduceOp::Max)?;
         let every = config.train.checkpoint_interval;
-        if stop[0] != 0 || (every > 0 && step % every == 0) {
+        if stop[0] != 0 || (every > 0 && step.is_multiple_of(every)) {
             last_ckpt = Some(save(&mut engine, step, pos, skipped)?);
         }
         if stop[0] != 0 {
@@ -422,7 +425,7 @@ fn rank_main(
             break;
         }
         let every = config.train.eval_interval;
-        if every > 0 && step % every == 0 && step < total {
+        if every > 0 && step.is_multiple_of(every) && step < total {
             let e = evaluate(
                 &mut engine,
                 &dataset,
