@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build -p kiln-trainer --features mpi --bin kiln
+# One feature set for every MPI check, so CI builds it once.
+cargo build -p kiln-zero -p kiln-trainer --features kiln-zero/mpi,kiln-trainer/mpi --example mpi_zero --bin kiln
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 set_args=(--set train.steps=6 --set train.global_batch=8 --set train.micro_batch=2

@@ -60,6 +60,11 @@ pub struct TrainArgs {
     /// `train.output_dir`.
     #[arg(long, value_name = "DIR", num_args = 0..=1)]
     pub resume: Option<Option<PathBuf>>,
+    /// A built-in recipe instead of one run: `lora-vs-full` pretrains the default job (or reuses
+    /// it), then fine-tunes it on subtraction with full fine-tuning and with LoRA (r = 8 on q, v)
+    /// and prints the comparison table.
+    #[arg(long, value_name = "NAME")]
+    pub recipe: Option<String>,
 }
 
 impl TrainArgs {

@@ -20,13 +20,24 @@ use crate::{Result, TrainerError};
 /// `kiln train`.
 pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
     let config = TrainConfig::load(args.config.config.as_deref(), &args.overrides())?;
+    match args.recipe.as_deref() {
+        None => {}
+        Some("lora-vs-full") => return run_lora_vs_full(&config).map(|(s, _)| s),
+        Some(other) => {
+            return Err(TrainerError::Argument(format!(
+                "--recipe {other}: unknown (known: lora-vs-full)"
+            )));
+        }
+    }
     let resume = match &args.resume {
         None => Resume::No,
         Some(None) => Resume::Latest,
         Some(Some(dir)) => Resume::From(dir.clone()),
     };
     let summary = train(&config, &resume)?;
-    print_summary(&summary, &config);
+    if summary.rank == 0 {
+        print_summary(&summary, &config);
+    }
     Ok(summary)
 }
 
@@ -346,4 +357,110 @@ pub fn run_export(args: &ExportArgs) -> Result<PathBuf> {
         e.files.join(", ")
     );
     Ok(args.out.clone())
+}
+
+/// One row of the LoRA-vs-full table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecipeRow {
+    pub method: String,
+    pub trainable_params: usize,
+    pub total_params: usize,
+    pub optimizer_bytes: u64,
+    pub model_state_bytes: u64,
+    pub accuracy: Option<f32>,
+    pub wall_s: f64,
+}
+
+/// The second built-in recipe, a small analogue of the LoRA paper's comparison: the default job
+/// (addition) is the pretrained model; it is fine-tuned on the related subtraction task once
+/// with every parameter trained and once with LoRA (r = 8 on q_proj, v_proj, alpha 16), with
+/// the same steps, data and ZeRO/precision settings. `base` is the default job's config (with
+/// the user's overrides); outputs go under `<base.train.output_dir>/lora-vs-full/`.
+pub fn run_lora_vs_full(base: &TrainConfig) -> Result<(TrainSummary, Vec<RecipeRow>)> {
+    let root = base.train.output_dir.join("lora-vs-full");
+    let pretrain_dir = root.join("pretrain");
+    let mut pre = base.clone();
+    pre.train.output_dir = pretrain_dir.clone();
+    let ckpt = match kiln_zero::latest_checkpoint(pretrain_dir.join("checkpoints"))? {
+        Some(c) if checkpoint_config(&c)?.1 == pre.train.steps => {
+            println!("kiln recipe: reusing the pretrained model {}", c.display());
+            c
+        }
+        _ => {
+            println!("kiln recipe: 1/3 pretraining the default job (addition)");
+            let s = train(&pre, &Resume::No)?;
+            if s.rank != 0 {
+                return Ok((s, vec![]));
+            }
+            print_summary(&s, &pre);
+            s.checkpoint.clone().ok_or_else(|| {
+                TrainerError::Checkpoint("the pretraining run wrote no checkpoint".into())
+            })?
+        }
+    };
+    let hf = pretrain_dir.join("hf");
+    crate::export::export(&ckpt, &hf, false, DType::F32)?;
+
+    let mut rows = vec![];
+    let mut last = None;
+    for (i, (method, lora, lr)) in [
+        ("full fine-tune", false, base.optim.lr * 0.4),
+        ("LoRA r=8 (q, v)", true, base.optim.lr * 2.0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut c = base.clone();
+        c.model.pretrained = Some(hf.clone());
+        c.data.operation = crate::data::Operation::Sub;
+        c.train.steps = (base.train.steps / 2).max(1);
+        c.optim.lr = lr;
+        c.lora.enabled = lora;
+        c.lora.r = 8;
+        c.lora.alpha = 16.0;
+        c.lora.target_modules = vec!["q_proj".into(), "v_proj".into()];
+        c.train.output_dir = root.join(if lora { "lora" } else { "full" });
+        println!(
+            "kiln recipe: {}/3 fine-tuning on subtraction: {method}",
+            i + 2
+        );
+        let s = train(&c, &Resume::No)?;
+        rows.push(RecipeRow {
+            method: method.into(),
+            trainable_params: s.trainable_params,
+            total_params: s.total_params,
+            optimizer_bytes: s.optimizer_bytes,
+            model_state_bytes: s.model_state_bytes,
+            accuracy: s.eval.as_ref().and_then(|e| e.accuracy),
+            wall_s: s.wall_s,
+        });
+        last = Some(s);
+    }
+    let last = last.expect("two fine-tunes");
+    if last.rank == 0 {
+        println!("{}", recipe_table(&rows));
+    }
+    Ok((last, rows))
+}
+
+/// The comparison as a Markdown table.
+pub fn recipe_table(rows: &[RecipeRow]) -> String {
+    let mut out = String::from(
+        "| method | trainable parameters | AdamW state / rank | model state / rank | held-out exact match (subtraction) | wall |\n\
+         | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for r in rows {
+        out += &format!(
+            "| {} | {} ({:.2}%) | {:.1} KB | {:.1} KB | {} | {:.0} s |\n",
+            r.method,
+            r.trainable_params,
+            100.0 * r.trainable_params as f64 / r.total_params.max(1) as f64,
+            r.optimizer_bytes as f64 / 1e3,
+            r.model_state_bytes as f64 / 1e3,
+            r.accuracy
+                .map_or("-".into(), |a| format!("{:.1}%", a * 100.0)),
+            r.wall_s
+        );
+    }
+    out
 }

@@ -121,6 +121,8 @@ pub struct DataConfig {
     pub tokenizer: TokenizerSpec,
     /// Operand digits for `addition` (default 2, 1..=9).
     pub digits: u32,
+    /// `add` (default) or `sub` for the `addition` task.
+    pub operation: crate::data::Operation,
     /// Held-out examples for evaluation (default 200).
     pub eval_examples: usize,
 }
@@ -133,6 +135,7 @@ impl Default for DataConfig {
             seq_len: 32,
             tokenizer: TokenizerSpec::Byte,
             digits: 2,
+            operation: crate::data::Operation::Add,
             eval_examples: 200,
         }
     }

@@ -361,6 +361,16 @@ const EVAL_SALT: u64 = 0x6576_616c_0000_0002;
 const SPLIT_SALT: u64 = 0x7370_6c69_7400_0003;
 const SHUFFLE_SALT: u64 = 0x7368_7566_0000_0004;
 
+/// The arithmetic of the synthetic task (`data.operation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    #[default]
+    Add,
+    /// `a - b` with the larger operand first: the related task of the LoRA recipe.
+    Sub,
+}
+
 /// Synthetic addition: `"123+45="` -> `"168"` + EOS, operands uniform in `[0, 10^digits)`.
 ///
 /// Pairs whose hash (independent of the seed) is 0 mod 10 are held out: they appear only in
@@ -369,18 +379,33 @@ const SHUFFLE_SALT: u64 = 0x7368_7566_0000_0004;
 pub struct AdditionTask {
     pub digits: u32,
     pub seed: u64,
+    /// `+`, or `-` for the related subtraction task (larger operand first).
+    pub op: Operation,
 }
 
 impl AdditionTask {
     /// `digits` in 1..=9.
     pub fn new(digits: u32, seed: u64) -> Result<Self> {
+        Self::with_op(digits, seed, Operation::Add)
+    }
+
+    /// The task with operation `op`; the held-out pairs are the same for both operations.
+    pub fn with_op(digits: u32, seed: u64, op: Operation) -> Result<Self> {
         if !(1..=9).contains(&digits) {
             return Err(TrainerError::invalid(
                 "data.digits",
                 format!("{digits} must be in 1..=9"),
             ));
         }
-        Ok(Self { digits, seed })
+        Ok(Self { digits, seed, op })
+    }
+
+    /// The value the answer spells: `a + b`, or `|a - b|` for subtraction.
+    pub fn result(&self, a: u64, b: u64) -> u64 {
+        match self.op {
+            Operation::Add => a + b,
+            Operation::Sub => a.abs_diff(b),
+        }
     }
 
     /// `10^digits`: operands are below it.
@@ -445,7 +470,10 @@ impl AdditionTask {
     /// token by [`example`](Self::example)).
     pub fn prompt(&self, a: u64, b: u64) -> String {
         let w = self.digits as usize;
-        format!("{a:0w$}+{b:0w$}=")
+        match self.op {
+            Operation::Add => format!("{a:0w$}+{b:0w$}="),
+            Operation::Sub => format!("{:0w$}-{:0w$}=", a.max(b), a.min(b)),
+        }
     }
 
     /// The expected answer text: `a + b` zero-padded to `digits + 1` and written least
@@ -454,7 +482,7 @@ impl AdditionTask {
     /// (the usual format for teaching transformers arithmetic).
     pub fn answer(&self, a: u64, b: u64) -> String {
         let w = self.digits as usize + 1;
-        format!("{:0w$}", a + b).chars().rev().collect()
+        format!("{:0w$}", self.result(a, b)).chars().rev().collect()
     }
 
     /// Whether a generated continuation (the text after the prompt, specials removed) answers
@@ -654,7 +682,7 @@ impl Dataset {
         let seq_len = config.seq_len;
         let (source, eval, eval_pairs, truncated) = match config.task {
             Task::Addition => {
-                let task = AdditionTask::new(config.digits, seed)?;
+                let task = AdditionTask::with_op(config.digits, seed, config.operation)?;
                 let pairs = task.eval_pairs(config.eval_examples);
                 let eval = pairs
                     .iter()

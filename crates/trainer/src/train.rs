@@ -69,6 +69,8 @@ pub struct TrainSummary {
     pub checkpoint: Option<PathBuf>,
     pub interrupted: bool,
     pub world_size: usize,
+    /// The rank this summary comes from (only rank 0 prints it).
+    pub rank: usize,
     pub backend: String,
 }
 
@@ -495,6 +497,7 @@ fn rank_main(
         checkpoint: last_ckpt,
         interrupted: was_interrupted,
         world_size: world,
+        rank,
         backend: backend.into(),
     };
     if lead {
@@ -643,7 +646,7 @@ pub fn addition_accuracy(
                         "{text}   (reads {}; {} {})",
                         AdditionTask::readable(&text),
                         if right { "right:" } else { "wrong, want" },
-                        a + b
+                        task.result(a, b)
                     ),
                 ));
             }

@@ -16,6 +16,10 @@
 //! a unit's whole parameters exist only from the all-gather just before it runs to the end of
 //! its forward, and again for its recompute + backward. The loss unit is gathered once for both.
 //!
+//! [`checkpoint`]: sharded checkpoints (one safetensors file per rank + `manifest.json` with
+//! CRC-32s, atomic rename, `latest` pointer) that load into any world size or stage, and
+//! [`read_full_checkpoint`] to export without ranks.
+//!
 //! Each unit's trainable parameters form one flat buffer ([`UnitLayout`]), padded to a multiple
 //! of N; rank r owns `[r·S, (r+1)·S)`. [`estimate`] gives the per-rank model-state memory of
 //! every stage (stage 3 included) from the formula; [`Engine::memory`] measures it.
@@ -31,6 +35,13 @@
 //!   a full f32 accumulator per unit (like stage 1). With one micro-batch, stage 2 holds at most
 //!   one unit's full gradient at a time.
 //! - The inf/NaN flag is MAX-reduced over ranks every step, so all ranks skip together.
+//! - Stage 3 moves `(2·b·Ψ − b·Ψ_head + 4·Ψ)·(N-1)/N` bytes per step (gather for forward, again
+//!   for backward, except the loss unit which is gathered once; reduce-scatter in f32), and
+//!   reduce-scatters every micro-batch, so no full gradient outlives a unit's backward even with
+//!   accumulation. It does not prefetch the next unit (the estimator can count a prefetch).
+//! - Stage 3 keeps no compute copy of trainable parameters: the fp32 master shard is cast to
+//!   the compute dtype just before each all-gather (FSDP's choice), so a rank holds
+//!   `(4 + K)·Ψ/N` for trainable parameters plus `2·Ψ_frozen/N` for frozen ones.
 
 pub mod checkpoint;
 mod engine;
