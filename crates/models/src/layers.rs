@@ -32,9 +32,23 @@ impl Linear {
 
     /// # Shapes
     /// `x: [..., in_features]` -> `[..., out_features]`
+    ///
+    /// Few rows (decoding) run as `(W xᵀ)ᵀ`, which reads `W` in its stored layout: on flex,
+    /// `x Wᵀ` costs about as much for 1 row as for 64 (8 ms vs 0.9 ms for 1 x 256 x 4096), while
+    /// at training sizes (1024 rows) `x Wᵀ` is the faster form (crossover near 256 rows for
+    /// 256 x 4096). Both are the same products.
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let dims = x.dims();
+        let rows: usize = dims[..D - 1].iter().product();
+        if rows <= Self::FEW_ROWS {
+            let w = self.weight.val().unsqueeze::<D>();
+            return w.matmul(x.swap_dims(D - 2, D - 1)).swap_dims(D - 2, D - 1);
+        }
         x.matmul(self.weight.val().transpose().unsqueeze())
     }
+
+    /// Up to this many rows, [`Linear::forward`] multiplies as `(W xᵀ)ᵀ`.
+    pub const FEW_ROWS: usize = 64;
 }
 
 /// `w * x / sqrt(mean(x²) + eps)`, computed in f32 as HF does, returned in the input's dtype.
