@@ -6,6 +6,11 @@
 //! - `master_{f32,bf16,f16_scaler}`: kiln-precision's recipe (fp32 master weights and torch-exact
 //!   AdamW, compute in the given dtype, loss scaling for f16). A counting allocator measures each
 //!   mode's peak heap during one step; the table is printed at the end.
+//!
+//! `llama_generate`: greedy decoding of 32 tokens after a 32-token prompt (batch 1, f32) with the
+//! same model: `cached_concat` (the KV cache grows by concatenation, as `generate` does),
+//! `cached_prealloc` (buffers preallocated and written with `slice_assign`) and `uncached` (the
+//! full forward re-run on the whole sequence for every token). Throughput is new tokens.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,7 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use kiln_models::{Context, Llama, LlamaConfig, causal_lm_loss};
+use kiln_models::{Context, KvCache, Llama, LlamaConfig, causal_lm_loss};
 use kiln_precision::{
     ParamGroup, Policy, cast_module, collect_grads, master_weights_for, write_back,
 };
@@ -151,5 +156,72 @@ fn master_weights(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, burn_adamw_f32, master_weights);
+const PROMPT: usize = 32;
+const NEW_TOKENS: usize = 32;
+
+fn argmax_last(logits: Tensor<3>) -> i64 {
+    let [_, seq, vocab] = logits.dims();
+    let row = logits
+        .narrow(1, seq - 1, 1)
+        .reshape([vocab])
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("f32 logits");
+    (0..vocab).fold(0, |best, i| if row[i] > row[best] { i } else { best }) as i64
+}
+
+fn generation(c: &mut Criterion) {
+    let config = reference_config();
+    let device = Device::flex();
+    let model = Llama::random(&config, 0, &device, DType::F32).expect("model");
+    let prompt: Vec<i64> = (0..PROMPT as i64).map(|i| (i * 37 + 11) % 4096).collect();
+    let ids = |v: Vec<i64>| {
+        let n = v.len();
+        Tensor::<2, Int>::from_data(TensorData::new(v, [1, n]), &device)
+    };
+    let cached = |mut cache: KvCache| {
+        let mut logits = model
+            .forward_cached(ids(prompt.clone()), None, &mut cache)
+            .expect("prefill");
+        let mut out = Vec::with_capacity(NEW_TOKENS);
+        loop {
+            let next = argmax_last(logits);
+            out.push(next);
+            if out.len() == NEW_TOKENS {
+                return out;
+            }
+            logits = model
+                .forward_cached(ids(vec![next]), None, &mut cache)
+                .expect("step");
+        }
+    };
+    let uncached = || {
+        let mut seq = prompt.clone();
+        for _ in 0..NEW_TOKENS {
+            let ctx = Context::new(&config, 1, seq.len(), None, &device, DType::F32).expect("ctx");
+            seq.push(argmax_last(model.forward(ids(seq.clone()), &ctx)));
+        }
+        seq.split_off(PROMPT)
+    };
+    let reference = uncached();
+    assert_eq!(cached(KvCache::new(&config, 1)), reference);
+    assert_eq!(
+        cached(KvCache::with_capacity(&config, 1, PROMPT + NEW_TOKENS + 1)),
+        reference
+    );
+
+    let mut group = c.benchmark_group("llama_generate");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(NEW_TOKENS as u64));
+    group.bench_function("cached_concat", |b| {
+        b.iter(|| cached(KvCache::new(&config, 1)))
+    });
+    group.bench_function("cached_prealloc", |b| {
+        b.iter(|| cached(KvCache::with_capacity(&config, 1, PROMPT + NEW_TOKENS + 1)))
+    });
+    group.bench_function("uncached", |b| b.iter(uncached));
+    group.finish();
+}
+
+criterion_group!(benches, burn_adamw_f32, master_weights, generation);
 criterion_main!(benches);

@@ -80,7 +80,9 @@ impl KvCache {
     }
 
     /// An empty cache whose buffers hold `capacity` positions, written in place
-    /// (`slice_assign`); it falls back to concatenation beyond `capacity`.
+    /// (`slice_assign`); it falls back to concatenation beyond `capacity`. On flex, at 32 + 32
+    /// positions of a 4-layer model (benches/benches/llama.rs), both strategies decode at the
+    /// same speed within noise, so [`generate`](crate::generate()) uses [`KvCache::new`].
     pub fn with_capacity(config: &LlamaConfig, batch: usize, capacity: usize) -> Self {
         let layer = LayerCache {
             capacity,

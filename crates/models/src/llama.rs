@@ -45,10 +45,15 @@ impl Attention {
         cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
+        let few_rows = cache.is_some();
+        let linear = |l: &Linear, x: Tensor<3>| match few_rows {
+            true => l.forward_few_rows(x),
+            false => l.forward(x),
+        };
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, self.head_dim]).swap_dims(1, 2);
-        let q = ctx.rotate(heads(self.q_proj.forward(x.clone()), self.num_heads));
-        let k = ctx.rotate(heads(self.k_proj.forward(x.clone()), self.num_kv_heads));
-        let v = heads(self.v_proj.forward(x), self.num_kv_heads);
+        let q = ctx.rotate(heads(linear(&self.q_proj, x.clone()), self.num_heads));
+        let k = ctx.rotate(heads(linear(&self.k_proj, x.clone()), self.num_kv_heads));
+        let v = heads(linear(&self.v_proj, x), self.num_kv_heads);
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v),
             None => (k, v),
@@ -65,7 +70,7 @@ impl Attention {
             .matmul(v)
             .swap_dims(1, 2)
             .reshape([b, s, self.num_heads * self.head_dim]);
-        self.o_proj.forward(out)
+        linear(&self.o_proj, out)
     }
 
     /// Query head `j` reads kv head `j / (num_heads / num_kv_heads)`.
@@ -149,9 +154,11 @@ impl DecoderLayer {
         ctx: &Context,
         cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
+        let few_rows = cache.is_some();
         let normed = self.input_layernorm.forward(x.clone());
         let h = x + self.self_attn.forward_with(normed, ctx, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+        let normed = self.post_attention_layernorm.forward(h.clone());
+        h + self.mlp.forward_with(normed, few_rows)
     }
 }
 
@@ -410,7 +417,7 @@ impl Llama {
         }
         cache.len = total;
         cache.padding = full_mask;
-        Ok(self.head(h))
+        Ok(self.head_with(h, true))
     }
 
     /// The embedding unit.
@@ -420,8 +427,13 @@ impl Llama {
 
     /// The head unit: final norm and the (possibly tied) projection to the vocabulary.
     pub fn head(&self, h: Tensor<3>) -> Tensor<3> {
+        self.head_with(h, false)
+    }
+
+    fn head_with(&self, h: Tensor<3>, few_rows: bool) -> Tensor<3> {
         let h = self.model.norm.forward(h);
         match &self.lm_head {
+            Some(lm_head) if few_rows => lm_head.forward_few_rows(h),
             Some(lm_head) => lm_head.forward(h),
             None => h.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze()),
         }
