@@ -1,7 +1,9 @@
 //! `TrainConfig`: the TOML job description, with `--set key=value` overrides.
 //!
 //! Every field has a default, so an empty file (or no file) is the built-in job: the
-//! `tiny-addition` Llama learning 3-digit addition on 2 thread ranks in bf16 with ZeRO-3.
+//! `tiny-addition` Llama on 3-digit addition, 2 thread ranks, bf16, ZeRO-3, 600 steps.
+//! (Not yet tuned: in an f32 single-rank check with burn's AdamW these defaults reach a loss of
+//! about 1.35 per answer token after 600 steps but almost no exact answers; see the preset.)
 //!
 //! ```toml
 //! [model]
@@ -623,7 +625,7 @@ fn parse_value(raw: &str) -> toml::Value {
 /// The `LlamaConfig` of a built-in preset (see [`PRESETS`]).
 ///
 /// `tiny-addition`: vocabulary 259 (the byte tokenizer), hidden 64, intermediate 172, 2 layers,
-/// 4 heads (2 key/value heads), rope θ 10000, 64 positions: about 0.15 M parameters.
+/// 4 heads (2 key/value heads), rope θ 10000, 64 positions: 124,096 parameters.
 pub fn preset_config(name: &str) -> Result<LlamaConfig> {
     let json = match name {
         "tiny-addition" => format!(
