@@ -3,22 +3,19 @@
 //! and 4 thread ranks, with the model-state bytes each rank holds and its traffic per step.
 //!
 //! `cargo bench --profile dev -p kiln-benches --bench zero` prints the table (2 timed steps per
-//! row); `KILN_ZERO_CRITERION=1` adds criterion samples (about 75 s per row on 2 cores). Thread ranks share the machine's
-//! cores, so N ranks do not run N times faster here; the table shows the engine's overhead
+//! row); `KILN_ZERO_CRITERION=1` adds criterion samples (about 75 s per row on 2 cores). Thread
+//! ranks share the machine's cores, so N ranks do not run N times faster here; the table shows the engine's overhead
 //! and the memory/traffic trade of each stage.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use burn::tensor::{DType, Device, Gradients, Int, Tensor, TensorData};
+use burn::tensor::{DType, Device};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use kiln_dist::LocalWorld;
-use kiln_models::{Context, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, unit_of};
+use kiln_models::{Llama, LlamaConfig};
 use kiln_precision::Policy;
-use kiln_zero::{
-    Engine, Result, Stage, Units, ZeroConfig, ZeroError, load_params, named_grads,
-    named_params_where, release_params,
-};
+use kiln_trainer::units::{Batch, LlamaUnits};
+use kiln_zero::{Engine, Stage, ZeroConfig, ZeroError};
 
 const BATCH: usize = 8;
 const SEQ: usize = 128;
@@ -32,60 +29,6 @@ fn config() -> LlamaConfig {
     .unwrap()
 }
 
-struct Batch {
-    ids: Tensor<2, Int>,
-    ctx: Context,
-    rows: usize,
-}
-
-struct LlamaUnits(Llama);
-
-impl LlamaUnits {
-    fn id(&self, unit: usize) -> UnitId {
-        match unit {
-            0 => UnitId::Embed,
-            u if u <= self.0.model.layers.len() => UnitId::Block(u - 1),
-            _ => UnitId::Head,
-        }
-    }
-}
-
-impl Units for LlamaUnits {
-    type Batch = Batch;
-    fn num_units(&self) -> usize {
-        self.0.model.layers.len() + 2
-    }
-    fn unit_params(&self, unit: usize) -> Result<Vec<(String, TensorData)>> {
-        let id = self.id(unit);
-        named_params_where(&self.0, &|p| unit_of(p) == Some(id))
-    }
-    fn set_unit_params(&mut self, _: usize, values: Vec<(String, TensorData)>) -> Result<()> {
-        let map: HashMap<String, TensorData> = values.into_iter().collect();
-        self.0 = load_params(self.0.clone(), &map)?;
-        Ok(())
-    }
-    fn release_unit(&mut self, unit: usize) -> Result<()> {
-        let id = self.id(unit);
-        self.0 = release_params(self.0.clone(), &|p| unit_of(p) == Some(id));
-        Ok(())
-    }
-    fn forward(&self, unit: usize, input: Option<Tensor<3>>, b: &Batch) -> Tensor<3> {
-        match (self.id(unit), input) {
-            (UnitId::Block(i), Some(h)) => self.0.model.layers[i].forward(h, &b.ctx),
-            _ => self.0.embed(b.ids.clone()),
-        }
-    }
-    fn loss_sum(&self, input: Tensor<3>, b: &Batch) -> Tensor<1> {
-        causal_lm_loss_sum(self.0.head(input), b.ids.clone()).0
-    }
-    fn tokens(&self, b: &Batch) -> usize {
-        b.rows * (SEQ - 1)
-    }
-    fn unit_grads(&self, _: usize, grads: &Gradients) -> Result<Vec<(String, TensorData)>> {
-        named_grads(&self.0, grads)
-    }
-}
-
 /// Per-rank step time (max over ranks), rank 0's model-state bytes and traffic per step.
 fn run(stage: Stage, world: usize, iters: u64) -> (Duration, u64, u64) {
     let cfg = config();
@@ -97,12 +40,8 @@ fn run(stage: Stage, world: usize, iters: u64) -> (Duration, u64, u64) {
         let ids: Vec<i64> = (0..rows * SEQ)
             .map(|i| ((i * 31 + rank * 7 + 3) % cfg.vocab_size) as i64)
             .collect();
-        let batch = Batch {
-            ids: Tensor::from_data(TensorData::new(ids, [rows, SEQ]), &device),
-            ctx: Context::new(&cfg, rows, SEQ, None, &device, policy.compute)
-                .map_err(|e| ZeroError::Model(e.to_string()))?,
-            rows,
-        };
+        let batch = Batch::new(&cfg, ids.clone(), ids, SEQ, &device, policy.compute)
+            .map_err(|e| ZeroError::Model(e.to_string()))?;
         let model = Llama::random(&cfg, 1, &device, DType::F32)
             .map_err(|e| ZeroError::Model(e.to_string()))?;
         let zc = ZeroConfig {
@@ -110,7 +49,7 @@ fn run(stage: Stage, world: usize, iters: u64) -> (Duration, u64, u64) {
             policy,
             ..Default::default()
         };
-        let mut engine = Engine::new(LlamaUnits(model), comm, zc, |_| true)?;
+        let mut engine = Engine::new(LlamaUnits::new(model), comm, zc, |_| true)?;
         let bytes = engine.step(std::slice::from_ref(&batch))?.model_bytes_sent;
         let t = Instant::now();
         for _ in 0..iters {

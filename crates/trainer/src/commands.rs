@@ -373,8 +373,9 @@ pub struct RecipeRow {
 
 /// The second built-in recipe, a small analogue of the LoRA paper's comparison: the default job
 /// (addition) is the pretrained model; it is fine-tuned on the related subtraction task once
-/// with every parameter trained and once with LoRA (r = 8 on q_proj, v_proj, alpha 16), with
-/// the same steps, data and ZeRO/precision settings. `base` is the default job's config (with
+/// with every parameter trained, with LoRA (r = 8, alpha 16) on q_proj, v_proj as in the LoRA
+/// paper, and with LoRA on every linear layer, with the same steps, data and ZeRO/precision
+/// settings (LoRA at 5x the full fine-tune's learning rate, as is usual). `base` is the default job's config (with
 /// the user's overrides); outputs go under `<base.train.output_dir>/lora-vs-full/`.
 pub fn run_lora_vs_full(base: &TrainConfig) -> Result<(TrainSummary, Vec<RecipeRow>)> {
     let root = base.train.output_dir.join("lora-vs-full");
@@ -387,7 +388,7 @@ pub fn run_lora_vs_full(base: &TrainConfig) -> Result<(TrainSummary, Vec<RecipeR
             c
         }
         _ => {
-            println!("kiln recipe: 1/3 pretraining the default job (addition)");
+            println!("kiln recipe: 1/4 pretraining the default job (addition)");
             let s = train(&pre, &Resume::No)?;
             if s.rank != 0 {
                 return Ok((s, vec![]));
@@ -403,28 +404,49 @@ pub fn run_lora_vs_full(base: &TrainConfig) -> Result<(TrainSummary, Vec<RecipeR
 
     let mut rows = vec![];
     let mut last = None;
-    for (i, (method, lora, lr)) in [
-        ("full fine-tune", false, base.optim.lr * 0.4),
-        ("LoRA r=8 (q, v)", true, base.optim.lr * 2.0),
+    let q_v = vec!["q_proj".to_string(), "v_proj".to_string()];
+    let all_linear: Vec<String> = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     ]
-    .into_iter()
-    .enumerate()
-    {
+    .map(String::from)
+    .to_vec();
+    let runs = [
+        ("full fine-tune", None, base.optim.lr * 0.4),
+        ("LoRA r=8 (q, v)", Some(q_v), base.optim.lr * 2.0),
+        (
+            "LoRA r=8 (all linear)",
+            Some(all_linear),
+            base.optim.lr * 2.0,
+        ),
+    ];
+    let n = runs.len() + 1;
+    for (i, (method, targets, lr)) in runs.into_iter().enumerate() {
         let mut c = base.clone();
         c.model.pretrained = Some(hf.clone());
         c.data.operation = crate::data::Operation::Sub;
         c.train.steps = (base.train.steps / 2).max(1);
         c.optim.lr = lr;
-        c.lora.enabled = lora;
+        c.lora.enabled = targets.is_some();
         c.lora.r = 8;
         c.lora.alpha = 16.0;
-        c.lora.target_modules = vec!["q_proj".into(), "v_proj".into()];
-        c.train.output_dir = root.join(if lora { "lora" } else { "full" });
+        if let Some(t) = targets {
+            c.lora.target_modules = t;
+        }
+        c.train.output_dir = root.join(format!("finetune-{}", i + 1));
         println!(
-            "kiln recipe: {}/3 fine-tuning on subtraction: {method}",
+            "kiln recipe: {}/{n} fine-tuning on subtraction: {method}",
             i + 2
         );
         let s = train(&c, &Resume::No)?;
+        if let (0, Some(e)) = (s.rank, &s.eval) {
+            print_eval(e);
+        }
         rows.push(RecipeRow {
             method: method.into(),
             trainable_params: s.trainable_params,
@@ -436,7 +458,7 @@ pub fn run_lora_vs_full(base: &TrainConfig) -> Result<(TrainSummary, Vec<RecipeR
         });
         last = Some(s);
     }
-    let last = last.expect("two fine-tunes");
+    let last = last.expect("three fine-tunes");
     if last.rank == 0 {
         println!("{}", recipe_table(&rows));
     }

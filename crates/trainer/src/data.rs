@@ -968,6 +968,33 @@ mod tests {
         assert!(e.contains("tok.json") && e.contains("hf-tokenizer"), "{e}");
     }
 
+    #[cfg(feature = "hf-tokenizer")]
+    #[test]
+    fn hf_tokenizer_loads_with_specials() {
+        let dir = temp_dir("hf");
+        let special = |id: u32, content: &str| {
+            format!(
+                r#"{{"id":{id},"content":"{content}","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}}"#
+            )
+        };
+        let json = format!(
+            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[{},{}],"normalizer":null,"pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,"model":{{"type":"WordLevel","vocab":{{"<s>":0,"</s>":1,"hello":2,"world":3,"[UNK]":4}},"unk_token":"[UNK]"}}}}"#,
+            special(0, "<s>"),
+            special(1, "</s>")
+        );
+        let path = write(&dir, "tokenizer.json", &json);
+        let t = Tokenizer::from_spec(&TokenizerSpec::File(path)).unwrap();
+        assert_eq!((t.bos(), t.eos(), t.pad()), (Some(0), 1, 1));
+        assert_eq!(t.vocab_size(), 5);
+        assert_eq!(t.encode("hello world").unwrap(), vec![2, 3]);
+        assert_eq!(t.decode(&[0, 2, 3, 1]).unwrap(), "hello world");
+        // A folder holding tokenizer.json works too; a bad file names itself.
+        assert!(Tokenizer::from_file(&dir).is_ok());
+        let bad = write(&dir, "bad.json", "{");
+        let e = Tokenizer::from_file(&bad).unwrap_err().to_string();
+        assert!(e.contains("bad.json"), "{e}");
+    }
+
     #[test]
     fn addition_example_masks_the_prompt() {
         let task = AdditionTask::new(3, 0).unwrap();

@@ -58,6 +58,7 @@ pub struct TrainSummary {
     pub last_loss: Option<f32>,
     pub skipped_steps: u64,
     pub wall_s: f64,
+    /// Tokens processed per second (rows x seq_len of every step over the loop's wall time).
     pub tokens_per_s: f64,
     pub trainable_params: usize,
     pub total_params: usize,
@@ -380,7 +381,10 @@ fn rank_main(
         let t = Instant::now();
         let r: StepReport = engine.step(&micro_batches)?;
         step += 1;
-        tokens_done += r.tokens;
+        // Throughput counts every token the model processes (rows x seq_len over all ranks),
+        // as PyTorch/HF trainers report it; `r.tokens` (those in the loss) can be far fewer.
+        let processed = (config.train.global_batch * dataset.seq_len()) as u64;
+        tokens_done += processed;
         if r.found_inf {
             skipped += 1;
         }
@@ -390,7 +394,7 @@ fn rank_main(
         let mut all_mem = vec![0f32; world];
         all_mem[rank] = mem as f32;
         engine.comm().all_reduce(&mut all_mem, ReduceOp::Sum)?;
-        let tokens_per_s = r.tokens as f64 / t.elapsed().as_secs_f64().max(1e-9);
+        let tokens_per_s = processed as f64 / t.elapsed().as_secs_f64().max(1e-9);
         if let Some(m) = metrics.as_mut() {
             m.train(TrainRecord {
                 step,
