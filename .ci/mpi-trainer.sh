@@ -5,8 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# One feature set for every MPI check, so CI builds it once.
-cargo build -p kiln-zero -p kiln-trainer --features kiln-zero/mpi,kiln-trainer/mpi --example mpi_zero --bin kiln
+# The workspace-wide feature set (as the tests) plus mpi: burn is not rebuilt, and both MPI
+# checks share this one build.
+cargo build --workspace --features kiln-zero/mpi,kiln-trainer/mpi --examples --bins
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 set_args=(--set train.steps=6 --set train.global_batch=8 --set train.micro_batch=2

@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# One feature set for every MPI check, so CI builds it once.
-cargo build -p kiln-zero -p kiln-trainer --features kiln-zero/mpi,kiln-trainer/mpi --example mpi_zero --bin kiln
+# The workspace-wide feature set (as the tests) plus mpi: burn is not rebuilt, and both MPI
+# checks share this one build.
+cargo build --workspace --features kiln-zero/mpi,kiln-trainer/mpi --examples --bins
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 for np in 2 3; do
