@@ -10,12 +10,11 @@ use std::time::Instant;
 use burn::tensor::Device;
 use criterion::{Criterion, criterion_group, criterion_main};
 use kiln_dist::LocalWorld;
-use kiln_precision::{AdamWConfig, ParamGroup};
 use kiln_trainer::config::TrainConfig;
-use kiln_trainer::data::{DataPosition, Dataset, Tokenizer, micro_batches, rank_slice};
-use kiln_trainer::train::{Resume, build_model, policy_of, stage_of, train};
+use kiln_trainer::data::{DataPosition, Dataset, Tokenizer, rank_slice};
+use kiln_trainer::train::{Resume, batches, build_model, train, zero_config};
 use kiln_trainer::units::{Batch, LlamaUnits};
-use kiln_zero::{Engine, ZeroConfig};
+use kiln_zero::Engine;
 
 const STEPS: u64 = 30;
 
@@ -40,22 +39,8 @@ fn bare(c: &TrainConfig) -> f64 {
         )
         .unwrap();
         let mc = c.model_config().unwrap();
-        let policy = policy_of(c.precision.compute);
+        let zc = zero_config(c).unwrap();
         let (model, trainable) = build_model(c, &mc, &device).unwrap();
-        let zc = ZeroConfig {
-            stage: stage_of(c.zero.stage).unwrap(),
-            policy,
-            adamw: AdamWConfig {
-                beta1: c.optim.betas[0],
-                beta2: c.optim.betas[1],
-                eps: c.optim.eps,
-            },
-            group: ParamGroup {
-                lr: c.optim.lr,
-                weight_decay: c.optim.weight_decay,
-            },
-            max_grad_norm: c.optim.max_grad_norm,
-        };
         let mut engine = Engine::new(LlamaUnits::new(model), comm, zc, trainable)?;
         let mut pos = DataPosition::default();
         let steps: Vec<Vec<Batch>> = (0..STEPS)
@@ -64,16 +49,7 @@ fn bare(c: &TrainConfig) -> f64 {
                     .global_batch(&mut pos, c.train.global_batch)
                     .unwrap();
                 let mine = rank_slice(&rows, rank, world).unwrap();
-                micro_batches(mine, c.train.micro_batch)
-                    .unwrap()
-                    .into_iter()
-                    .map(|r| {
-                        let ids = r.iter().flat_map(|e| e.ids.clone()).collect();
-                        let labels = r.iter().flat_map(|e| e.labels.clone()).collect();
-                        Batch::new(&mc, ids, labels, r[0].ids.len(), &device, policy.compute)
-                            .unwrap()
-                    })
-                    .collect()
+                batches(&mc, mine, c.train.micro_batch, &device, zc.policy.compute).unwrap()
             })
             .collect();
         let t = Instant::now();

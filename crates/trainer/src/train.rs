@@ -230,7 +230,8 @@ pub fn build_model(
     Ok((lora_model.into_model(), |p| p.contains(".lora.")))
 }
 
-fn batches(
+/// This rank's rows cut into micro-batches of `micro` rows, as model input.
+pub fn batches(
     model_config: &LlamaConfig,
     rows: &[Example],
     micro: usize,
@@ -248,6 +249,25 @@ fn batches(
         .collect()
 }
 
+/// The engine's configuration of a run: stage, precision policy, AdamW, clipping.
+pub fn zero_config(config: &TrainConfig) -> Result<kiln_zero::ZeroConfig> {
+    let o = &config.optim;
+    Ok(kiln_zero::ZeroConfig {
+        stage: stage_of(config.zero.stage)?,
+        policy: policy_of(config.precision.compute),
+        adamw: AdamWConfig {
+            beta1: o.betas[0],
+            beta2: o.betas[1],
+            eps: o.eps,
+        },
+        group: ParamGroup {
+            lr: o.lr,
+            weight_decay: o.weight_decay,
+        },
+        max_grad_norm: o.max_grad_norm,
+    })
+}
+
 /// One rank's run.
 fn rank_main(
     comm: Communicator,
@@ -261,32 +281,16 @@ fn rank_main(
     let tokenizer = Tokenizer::from_spec(&config.data.tokenizer)?;
     let dataset = Dataset::new(&config.data, tokenizer, config.train.seed)?;
     let model_config = config.model_config()?;
-    let policy = policy_of(config.precision.compute);
-    let stage = stage_of(config.zero.stage)?;
+    let zc = zero_config(config)?;
+    let (policy, stage) = (zc.policy, zc.stage);
     let (model, trainable) = build_model(config, &model_config, &device)?;
-    let total_params = kiln_zero::named_params(&model)?
-        .iter()
-        .map(|(_, d)| d.num_elements())
-        .sum::<usize>();
-    let trainable_params = kiln_zero::named_params_where(&model, &|p| trainable(p))?
-        .iter()
-        .map(|(_, d)| d.num_elements())
-        .sum::<usize>();
-    let o = &config.optim;
-    let zc = kiln_zero::ZeroConfig {
-        stage,
-        policy,
-        adamw: AdamWConfig {
-            beta1: o.betas[0],
-            beta2: o.betas[1],
-            eps: o.eps,
-        },
-        group: ParamGroup {
-            lr: o.lr,
-            weight_decay: o.weight_decay,
-        },
-        max_grad_norm: o.max_grad_norm,
-    };
+    let (mut total_params, mut trainable_params) = (0, 0);
+    for (path, data) in kiln_zero::named_params(&model)? {
+        total_params += data.num_elements();
+        if trainable(&path) {
+            trainable_params += data.num_elements();
+        }
+    }
     let mut engine = Engine::new(LlamaUnits::new(model), comm, zc, trainable)?;
 
     let out_dir = config.train.output_dir.clone();
@@ -560,14 +564,19 @@ fn evaluate(
     };
     let (sum, tokens) = engine.evaluate(&local)?;
     let loss = (sum / tokens.max(1) as f64) as f32;
-    // Generation needs the whole model on one rank: gather it (a collective), run on rank 0.
-    let params = engine.full_params()?;
+    // Generation needs the whole model on one rank: every rank joins the gather (a collective;
+    // the task is the same on all of them), rank 0 generates. Tasks without it gather nothing.
+    let task = dataset.addition();
+    let params = match task {
+        Some(_) => engine.full_params()?,
+        None => Vec::new(),
+    };
     if rank != 0 {
         return Ok(None);
     }
     let mut accuracy = None;
     let mut samples = vec![];
-    if let Some(task) = dataset.addition() {
+    if let Some(task) = task {
         let model = model_from_params(
             config,
             model_config,
