@@ -1,7 +1,10 @@
 //! LoRA vs full fine-tuning on the reference Llama (hidden 256, intermediate 688, 4 layers,
 //! 8 heads, vocab 4096, untied; batch 8 x 128; f32, random init):
-//! forward+backward time, and trainable / gradient / AdamW-state bytes; plus inference forward
-//! time of the base, the unmerged adapter and the merged adapter.
+//! forward+backward time (LoRA with and without `lora_dropout`), and trainable / gradient /
+//! AdamW-state bytes; plus inference forward time of the base, the unmerged adapter and the merged
+//! adapter. Group `lora layer`: one adapted linear layer, forward+backward computed on
+//! activations (`x W0ᵀ + s·x Aᵀ Bᵀ`, what kiln-models' `Linear` runs) vs through the dense
+//! weight (`x (W0 + s·B A)ᵀ`, what `weight.val()` of burn's reparameterization gives any module).
 //!
 //! `cargo bench -p kiln-benches --bench lora` (prints the bytes table first).
 
@@ -12,7 +15,7 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use criterion::{Criterion, criterion_group, criterion_main};
 use kiln_lora::{LoraConfig, LoraModel};
-use kiln_models::{Context, Llama, LlamaConfig, causal_lm_loss};
+use kiln_models::{AdapterDropout, Context, Linear, Llama, LlamaConfig, causal_lm_loss};
 
 const BATCH: usize = 8;
 const SEQ: usize = 128;
@@ -123,6 +126,16 @@ fn bench(c: &mut Criterion) {
             GradientsParams::from_grads(loss.backward(), lora.model())
         })
     });
+    let mut seed = 0;
+    group.bench_function("LoRA r=8 q,v fwd+bwd, lora_dropout 0.05", |b| {
+        b.iter(|| {
+            seed += 1;
+            let dropout = AdapterDropout::new(0.05, seed, 0).expect("dropout");
+            let ctx = ctx.clone().with_adapter_dropout(dropout);
+            let loss = causal_lm_loss(lora.model().forward(ids.clone(), &ctx), ids.clone());
+            GradientsParams::from_grads(loss.backward(), lora.model())
+        })
+    });
 
     let infer = Device::flex();
     let (ids, ctx) = inputs(&config, &infer);
@@ -143,5 +156,54 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// The q_proj of a one-block Llama of hidden size `hidden` with an r = 8 adapter (B set non-zero,
+/// as after training), on the autodiff device.
+fn adapted_layer(hidden: usize, device: &Device) -> Linear {
+    let config = LlamaConfig::from_json(&format!(
+        r#"{{"vocab_size": 8, "hidden_size": {hidden}, "intermediate_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 8, "num_key_value_heads": 8, "rms_norm_eps": 1e-5}}"#
+    ))
+    .expect("layer config");
+    let mut lora = LoraModel::new(Llama::random(&config, 0, device, DType::F32).expect("model"));
+    let config = LoraConfig {
+        init: kiln_lora::LoraInit::Gaussian,
+        ..lora_config()
+    };
+    lora.add_adapter("bench", config, 0).expect("adapter");
+    lora.into_model().model.layers.remove(0).self_attn.q_proj
+}
+
+fn bench_layer(c: &mut Criterion) {
+    let mut group = c.benchmark_group("lora layer");
+    group
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(10));
+    let device = Device::flex().autodiff();
+    let rows = BATCH * SEQ;
+    for hidden in [256, 2048] {
+        let layer = adapted_layer(hidden, &device);
+        let x = Tensor::<2>::random(
+            [rows, hidden],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        let lora = layer.weight.adapter().expect("adapter attached");
+        let grads_of = |y: Tensor<2>| {
+            let grads = y.sum().backward();
+            (lora.a.val().grad(&grads), lora.b.val().grad(&grads))
+        };
+        group.bench_function(
+            format!("{rows}x{hidden}x{hidden} activations fwd+bwd"),
+            |b| b.iter(|| grads_of(layer.forward(x.clone()))),
+        );
+        group.bench_function(
+            format!("{rows}x{hidden}x{hidden} dense weight fwd+bwd"),
+            |b| b.iter(|| grads_of(x.clone().matmul(layer.weight.val().transpose()))),
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_layer);
 criterion_main!(benches);

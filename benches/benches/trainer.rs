@@ -12,7 +12,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use kiln_dist::LocalWorld;
 use kiln_trainer::config::TrainConfig;
 use kiln_trainer::data::{DataPosition, Dataset, Tokenizer, rank_slice};
-use kiln_trainer::train::{Resume, batches, build_model, train, zero_config};
+use kiln_trainer::train::{Resume, batches, build_model, step_dropout, train, zero_config};
 use kiln_trainer::units::{Batch, LlamaUnits};
 use kiln_zero::Engine;
 
@@ -40,16 +40,32 @@ fn bare(c: &TrainConfig) -> f64 {
         .unwrap();
         let mc = c.model_config().unwrap();
         let zc = zero_config(c).unwrap();
-        let (model, trainable) = build_model(c, &mc, &device).unwrap();
+        let built = build_model(c, &mc, &device).unwrap();
+        let (model, trainable) = (built.model, built.trainable);
         let mut engine = Engine::new(LlamaUnits::new(model), comm, zc, trainable)?;
         let mut pos = DataPosition::default();
         let steps: Vec<Vec<Batch>> = (0..STEPS)
-            .map(|_| {
+            .map(|step| {
                 let rows = dataset
                     .global_batch(&mut pos, c.train.global_batch)
                     .unwrap();
                 let mine = rank_slice(&rows, rank, world).unwrap();
-                batches(&mc, mine, c.train.micro_batch, &device, zc.policy.compute).unwrap()
+                let dropout = step_dropout(
+                    built.lora_dropout,
+                    c.train.seed,
+                    step,
+                    rank * rows.len() / world,
+                )
+                .unwrap();
+                batches(
+                    &mc,
+                    mine,
+                    c.train.micro_batch,
+                    &device,
+                    zc.policy.compute,
+                    dropout,
+                )
+                .unwrap()
             })
             .collect();
         let t = Instant::now();

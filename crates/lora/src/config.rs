@@ -102,7 +102,8 @@ pub struct LoraConfig {
     pub r: usize,
     /// PEFT `lora_alpha` (default 8): the update is scaled by `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub alpha: f64,
-    /// PEFT `lora_dropout` (default 0). Kept for the file format; not applied (see the crate docs).
+    /// PEFT `lora_dropout` (default 0): dropout on the adapter's input in training, applied by
+    /// layers that run the adapter on activations (kiln-models' `Linear`; see the crate docs).
     pub dropout: f64,
     pub target_modules: TargetModules,
     /// rsLoRA scaling `alpha / sqrt(r)` (PEFT `use_rslora`, default false).

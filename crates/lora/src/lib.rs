@@ -33,12 +33,19 @@
 //! switching, disabling, merge and unmerge keep an adapter-free frozen base and re-attach (burn
 //! cannot detach a reparameterization, so the base is kept rather than stripped).
 //!
-//! Cost of the weight-space form: each forward builds the dense `W0 + scaling · B A` of every
-//! target and backward forms a dense `[out, in]` gradient before projecting it onto A and B,
-//! where PEFT computes `x Aᵀ Bᵀ` on activations. Gradients and optimizer state still exist only
-//! for A and B. `lora_dropout` is stored and written back but not applied: dropout acts on a
-//! layer's input, which a weight reparameterization cannot reach (it is the identity at
-//! inference, so loaded adapters compute exactly as in PEFT).
+//! # Where the adapter runs, and `lora_dropout`
+//!
+//! A module whose forward reads `weight.val()` (any burn module) gets the weight-space form: the
+//! dense `W0 + scaling · B A` per forward, and a dense `[out, in]` gradient projected onto A and B.
+//! A module that knows it is a linear layer can do better with the same attached factors:
+//! kiln-models' `Linear` finds the `LoraAdapter` on its weight and computes on activations,
+//! `x W0ᵀ + scaling · drop(x) Aᵀ Bᵀ`, PEFT's `lora.Linear` formula, at `O(rows · r · (in + out))`.
+//! That is also where `lora_dropout` acts, since dropout acts on the layer's input, which a weight
+//! reparameterization cannot reach: the training forward passes
+//! `Context::with_adapter_dropout(AdapterDropout::new(config.dropout, seed, first_row))` (the
+//! `kiln` trainer does, with a seed per step). Evaluation, generation and merged adapters run
+//! without dropout, as PEFT in `eval()` mode. A generic burn module keeps `lora_dropout` in its
+//! adapter files but trains as with 0.
 //!
 //! [`Reparameterizer`]: burn::module::Reparameterizer
 

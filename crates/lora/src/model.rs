@@ -178,14 +178,6 @@ impl<M: Module> LoraModel<M> {
     pub fn add_adapter(&mut self, name: &str, config: LoraConfig, seed: u64) -> Result<()> {
         self.check_new(name)?;
         config.validate()?;
-        if config.dropout > 0.0 {
-            tracing::warn!(
-                adapter = name,
-                "lora_dropout = {} is kept in the adapter files but not applied: \
-                 training runs as with lora_dropout = 0",
-                config.dropout
-            );
-        }
         let mut layers = BTreeMap::new();
         for module in self.targets(&config)? {
             let info = &self.weights[&module];

@@ -7,7 +7,7 @@ use burn::optim::{AdamWConfig, GradientsParams};
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use common::*;
 use kiln_lora::{LoraConfig, LoraInit, LoraModel, TargetModules};
-use kiln_models::{Llama, LlamaConfig, causal_lm_loss};
+use kiln_models::{AdapterDropout, Llama, LlamaConfig, causal_lm_loss};
 
 fn tiny_config() -> LlamaConfig {
     LlamaConfig::from_json(
@@ -127,6 +127,17 @@ fn targets_follow_peft_rules() {
 
 #[test]
 fn fine_tuning_lowers_the_loss_trains_only_the_factors_and_keeps_the_base_bit_identical() {
+    fine_tune(0.0);
+}
+
+/// The same with PEFT's `lora_dropout`, applied by the model's linear layers to the adapters'
+/// input (a new mask every step), as a PEFT training loop in `train()` mode does.
+#[test]
+fn fine_tuning_with_lora_dropout_lowers_the_loss_and_keeps_the_base_bit_identical() {
+    fine_tune(0.1);
+}
+
+fn fine_tune(dropout: f64) {
     let device = Device::flex().autodiff();
     let config = tiny_config();
     let model = Llama::random(&config, 11, &device, DType::F32).unwrap();
@@ -136,6 +147,7 @@ fn fine_tuning_lowers_the_loss_trains_only_the_factors_and_keeps_the_base_bit_id
         r: 4,
         alpha: 8.0,
         target_modules: TargetModules::AllLinear,
+        dropout,
         ..LoraConfig::default()
     };
     lora.add_adapter("task", lora_config.clone(), 5).unwrap();
@@ -158,6 +170,10 @@ fn fine_tuning_lowers_the_loss_trains_only_the_factors_and_keeps_the_base_bit_id
     assert_eq!(adapter_ids.len(), 2 * targets.len());
     let mut losses = vec![];
     for step in 0..40 {
+        let p = lora.config("task").unwrap().dropout;
+        let ctx = ctx
+            .clone()
+            .with_adapter_dropout(AdapterDropout::new(p, step, 0).unwrap());
         let loss = causal_lm_loss(lora.model().forward(ids.clone(), &ctx), ids.clone());
         losses.push(to_vec(loss.clone())[0]);
         let grads = GradientsParams::from_grads(loss.backward(), lora.model());

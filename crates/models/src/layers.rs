@@ -1,16 +1,26 @@
 //! The three parameterised layers of a Llama, with weights in Hugging Face layout.
 
-use burn::module::{Module, Param};
+use burn::module::{LoraAdapter, Module, Param};
 use burn::tensor::activation::silu;
-use burn::tensor::{DType, Int, Tensor};
+use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
-use crate::error::Result;
-use crate::source::ParamSource;
+use crate::error::{ModelError, Result};
+use crate::source::{ParamSource, SplitMix64, fnv1a};
 
 /// `y = x W^T` with `W` stored as HF's `[out_features, in_features]`.
+///
+/// A LoRA adapter attached to `weight` (burn's [`LoraAdapter`] reparameterization, as kiln-lora
+/// attaches it by parameter path) runs on activations, as PEFT's `lora.Linear` does:
+/// `y = x W0ᵀ + scaling · drop(x) Aᵀ Bᵀ` with `A = lora_A` `[r, in]` (burn's `b`) and
+/// `B = lora_B` `[out, r]` (burn's `a`). That costs `O(rows · r · (in + out))` instead of the dense
+/// `W0 + scaling · B A` that `weight.val()` would build, and it is where PEFT's `lora_dropout`
+/// acts: on the adapter's input only, never on the frozen base path.
 #[derive(Module, Debug)]
 pub struct Linear {
     pub weight: Param<Tensor<2>>,
+    /// Tells this layer's adapter-dropout masks apart from every other layer's: a hash of its
+    /// parameter path (`model.layers.3.self_attn.q_proj`).
+    pub salt: u64,
 }
 
 impl Linear {
@@ -27,13 +37,34 @@ impl Linear {
         )?;
         Ok(Self {
             weight: Param::from_tensor(weight),
+            salt: fnv1a(key.as_bytes()),
         })
     }
 
     /// # Shapes
     /// `x: [..., in_features]` -> `[..., out_features]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        x.matmul(self.weight.val().transpose().unsqueeze())
+        self.forward_with(x, None)
+    }
+
+    /// [`Linear::forward`] in training: an attached adapter reads its input through `dropout`
+    /// (`None`, or `p = 0`: no dropout, as in evaluation).
+    pub fn forward_with<const D: usize>(
+        &self,
+        x: Tensor<D>,
+        dropout: Option<&AdapterDropout>,
+    ) -> Tensor<D> {
+        match self.adapter() {
+            None => x.matmul(self.weight.val().transpose().unsqueeze()),
+            Some(lora) => {
+                let base = x.clone().matmul(self.weight.base().transpose().unsqueeze());
+                let x = match dropout {
+                    Some(d) if d.p > 0.0 => d.apply(x, self.salt),
+                    _ => x,
+                };
+                base + low_rank(x, lora)
+            }
+        }
     }
 
     /// [`Linear::forward`] for the few rows of a decoding step, as `(W xᵀ)ᵀ`, which reads `W` in
@@ -46,12 +77,115 @@ impl Linear {
         if dims[..D - 1].iter().product::<usize>() > Self::FEW_ROWS {
             return self.forward(x);
         }
-        let w = self.weight.val().unsqueeze::<D>();
-        w.matmul(x.swap_dims(D - 2, D - 1)).swap_dims(D - 2, D - 1)
+        let product = |w: Tensor<2>, x: Tensor<D>| {
+            w.unsqueeze::<D>()
+                .matmul(x.swap_dims(D - 2, D - 1))
+                .swap_dims(D - 2, D - 1)
+        };
+        match self.adapter() {
+            None => product(self.weight.val(), x),
+            Some(lora) => product(self.weight.base(), x.clone()) + low_rank(x, lora),
+        }
     }
 
     /// Up to this many rows, [`Linear::forward_few_rows`] multiplies as `(W xᵀ)ᵀ`.
     pub const FEW_ROWS: usize = 64;
+
+    /// The attached LoRA adapter, when its factors are in HF orientation for this weight
+    /// (`a: [out, r]`, `b: [r, in]`); any other reparameterization runs through `weight.val()`.
+    fn adapter(&self) -> Option<&LoraAdapter> {
+        let lora = self.weight.adapter()?;
+        let [out, inp] = self.weight.lazy_shape().dims();
+        let (a, b) = (
+            lora.a.lazy_shape().dims::<2>(),
+            lora.b.lazy_shape().dims::<2>(),
+        );
+        (a[0] == out && b[1] == inp && a[1] == b[0]).then_some(lora)
+    }
+}
+
+/// `scaling · x Aᵀ Bᵀ`: down to rank r, then up (PEFT's `lora_B(lora_A(x)) * scaling`), in the
+/// input's dtype.
+fn low_rank<const D: usize>(x: Tensor<D>, lora: &LoraAdapter) -> Tensor<D> {
+    let dtype = x.dtype();
+    let factor = |p: &Param<Tensor<2>>| {
+        let t = p.val();
+        let t = if t.dtype() != dtype { t.cast(dtype) } else { t };
+        t.transpose().unsqueeze::<D>()
+    };
+    x.matmul(factor(&lora.b))
+        .matmul(factor(&lora.a))
+        .mul_scalar(lora.scale)
+}
+
+/// PEFT's `lora_dropout` for one training forward: an adapter reads its layer's input through
+/// inverted dropout, `x · m / (1 - p)` with `m ~ Bernoulli(1 - p)` per element; the frozen base
+/// path sees `x` unchanged.
+///
+/// The mask is a function of `(seed, layer, global row, position, feature)` only: not of the
+/// rank, the micro-batch or the call. A block recomputed for its backward (ZeRO-3) therefore draws
+/// the mask its forward drew, and N ranks drop exactly the elements one rank drops on the whole
+/// batch, so data-parallel training stays equal to single-rank training with dropout on.
+/// Use a new `seed` per optimizer step; `first_row` is the batch's first row in the step's
+/// global batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdapterDropout {
+    /// Probability of zeroing an element, in `[0, 1)`.
+    pub p: f64,
+    pub seed: u64,
+    pub first_row: u64,
+}
+
+impl AdapterDropout {
+    pub fn new(p: f64, seed: u64, first_row: u64) -> Result<Self> {
+        if !(0.0..1.0).contains(&p) {
+            return Err(ModelError::Input(format!(
+                "adapter dropout p = {p}: must be in [0, 1)"
+            )));
+        }
+        Ok(Self { p, seed, first_row })
+    }
+
+    /// The same dropout for the rows from `rows` on (a later micro-batch of the same step).
+    pub fn skip_rows(self, rows: u64) -> Self {
+        Self {
+            first_row: self.first_row + rows,
+            ..self
+        }
+    }
+
+    /// `x · m / (1 - p)`, with the mask of layer `salt`.
+    pub fn apply<const D: usize>(&self, x: Tensor<D>, salt: u64) -> Tensor<D> {
+        let mask = self.mask(x.dims(), salt, &x.device(), x.dtype());
+        x * mask
+    }
+
+    /// The mask itself, `0` or `1 / (1 - p)`, of `dims` = `[rows, ...]`: element `i` of row `b`
+    /// (row-major within the row) keeps when the 32-bit draw number `(first_row + b) · len + i`
+    /// of the layer's stream falls at or above `p · 2³²`.
+    pub fn mask<const D: usize>(
+        &self,
+        dims: [usize; D],
+        salt: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Tensor<D> {
+        let rows = dims[0];
+        let len: usize = dims[1..].iter().product();
+        let stream = SplitMix64::at(self.seed, salt);
+        let threshold = (self.p * 4_294_967_296.0) as u64;
+        let keep = (1.0 / (1.0 - self.p)) as f32;
+        let mut values = Vec::with_capacity(rows * len);
+        for b in 0..rows {
+            let start = (self.first_row + b as u64) * len as u64;
+            // Two 32-bit draws per 64-bit output: draw k is half k % 2 of output k / 2.
+            for i in start..start + len as u64 {
+                let bits = SplitMix64::at(stream, i / 2) >> (32 * (i % 2)) & 0xffff_ffff;
+                values.push(if bits >= threshold { keep } else { 0.0 });
+            }
+        }
+        Tensor::<D>::from_data(TensorData::new(values, dims), (device, DType::F32)).cast(dtype)
+    }
 }
 
 /// `w * x / sqrt(mean(x²) + eps)`, computed in f32 as HF does, returned in the input's dtype.
@@ -117,14 +251,20 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.forward_with(x, false)
+        self.forward_with(x, false, None)
     }
 
-    /// `few_rows`: the projections use [`Linear::forward_few_rows`] (decoding).
-    pub fn forward_with(&self, x: Tensor<3>, few_rows: bool) -> Tensor<3> {
+    /// `few_rows`: the projections use [`Linear::forward_few_rows`] (decoding); otherwise
+    /// adapters read their input through `dropout` (training).
+    pub fn forward_with(
+        &self,
+        x: Tensor<3>,
+        few_rows: bool,
+        dropout: Option<&AdapterDropout>,
+    ) -> Tensor<3> {
         let linear = |l: &Linear, x: Tensor<3>| match few_rows {
             true => l.forward_few_rows(x),
-            false => l.forward(x),
+            false => l.forward_with(x, dropout),
         };
         let gate = silu(linear(&self.gate_proj, x.clone()));
         linear(&self.down_proj, gate * linear(&self.up_proj, x))

@@ -25,6 +25,7 @@ pub use cache::{KvCache, LayerCache};
 pub use config::{LlamaConfig, RopeScaling};
 pub use error::{ModelError, Result};
 pub use generate::{GenerateConfig, generate};
+pub use layers::{AdapterDropout, Linear};
 pub use llama::{Context, DecoderLayer, Llama, UnitId, unit_of};
 pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum};
 pub use source::{ParamSource, RandomInit, SplitMix64};

@@ -8,7 +8,7 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use crate::cache::{KvCache, LayerCache};
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::error::{ModelError, Result};
-use crate::layers::{Embedding, Linear, Mlp, RmsNorm};
+use crate::layers::{AdapterDropout, Embedding, Linear, Mlp, RmsNorm};
 use crate::source::ParamSource;
 
 #[derive(Module, Debug)]
@@ -46,9 +46,10 @@ impl Attention {
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let few_rows = cache.is_some();
+        let dropout = ctx.adapter_dropout.as_ref();
         let linear = |l: &Linear, x: Tensor<3>| match few_rows {
             true => l.forward_few_rows(x),
-            false => l.forward(x),
+            false => l.forward_with(x, dropout),
         };
         let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, self.head_dim]).swap_dims(1, 2);
         let q = ctx.rotate(heads(linear(&self.q_proj, x.clone()), self.num_heads));
@@ -158,7 +159,9 @@ impl DecoderLayer {
         let normed = self.input_layernorm.forward(x.clone());
         let h = x + self.self_attn.forward_with(normed, ctx, cache);
         let normed = self.post_attention_layernorm.forward(h.clone());
-        h + self.mlp.forward_with(normed, few_rows)
+        h + self
+            .mlp
+            .forward_with(normed, few_rows, ctx.adapter_dropout.as_ref())
     }
 }
 
@@ -177,7 +180,8 @@ pub struct Llama {
     pub lm_head: Option<Linear>,
 }
 
-/// The per-batch inputs every block shares: rotary tables and the attention mask.
+/// The per-batch inputs every block shares: rotary tables, the attention mask and, in training,
+/// the dropout of LoRA adapters.
 #[derive(Debug, Clone)]
 pub struct Context {
     /// `[seq, head_dim]`, in the compute dtype.
@@ -186,6 +190,9 @@ pub struct Context {
     /// `[batch, 1, seq, past + seq]`, true where a query may not attend to a key (future or
     /// padding); `past` is 0 without a cache.
     pub mask: Tensor<4, Bool>,
+    /// PEFT's `lora_dropout` on the input of every attached adapter; `None` (the default, and
+    /// what evaluation and generation use) runs adapters without dropout.
+    pub adapter_dropout: Option<AdapterDropout>,
 }
 
 impl Context {
@@ -245,7 +252,16 @@ impl Context {
             cos: table(cos),
             sin: table(sin),
             mask,
+            adapter_dropout: None,
         })
+    }
+
+    /// This context in training, with adapter dropout (see [`AdapterDropout`]).
+    pub fn with_adapter_dropout(self, dropout: AdapterDropout) -> Self {
+        Self {
+            adapter_dropout: Some(dropout),
+            ..self
+        }
     }
 
     /// Rotate-half RoPE: pairs `i` and `i + head_dim/2`.
@@ -347,7 +363,7 @@ impl Llama {
             .layers
             .iter()
             .fold(h, |h, layer| layer.forward(h, ctx));
-        self.head(h)
+        self.head(h, ctx)
     }
 
     /// Logits `[batch, seq, vocab]` for `seq` new positions after the `cache.len()` cached ones,
@@ -417,7 +433,7 @@ impl Llama {
         }
         cache.len = total;
         cache.padding = full_mask;
-        Ok(self.head_with(h, true))
+        Ok(self.head_with(h, true, None))
     }
 
     /// The embedding unit.
@@ -426,15 +442,20 @@ impl Llama {
     }
 
     /// The head unit: final norm and the (possibly tied) projection to the vocabulary.
-    pub fn head(&self, h: Tensor<3>) -> Tensor<3> {
-        self.head_with(h, false)
+    pub fn head(&self, h: Tensor<3>, ctx: &Context) -> Tensor<3> {
+        self.head_with(h, false, ctx.adapter_dropout.as_ref())
     }
 
-    fn head_with(&self, h: Tensor<3>, few_rows: bool) -> Tensor<3> {
+    fn head_with(
+        &self,
+        h: Tensor<3>,
+        few_rows: bool,
+        dropout: Option<&AdapterDropout>,
+    ) -> Tensor<3> {
         let h = self.model.norm.forward(h);
         match &self.lm_head {
             Some(lm_head) if few_rows => lm_head.forward_few_rows(h),
-            Some(lm_head) => lm_head.forward(h),
+            Some(lm_head) => lm_head.forward_with(h, dropout),
             None => h.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze()),
         }
     }

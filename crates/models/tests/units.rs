@@ -102,7 +102,7 @@ fn unit_by_unit_backward_equals_whole_model_backward() {
     // Backward in reverse, feeding each unit its upstream gradient.
     let mut per_unit = vec![];
     let h_in = h.require_grad();
-    let grads = causal_lm_loss(model.head(h_in.clone()), x.clone()).backward();
+    let grads = causal_lm_loss(model.head(h_in.clone(), &ctx), x.clone()).backward();
     let mut upstream = h_in.grad(&grads).unwrap();
     per_unit.extend(named_grads(&model, &grads));
     for (layer, input) in model.model.layers.iter().zip(inputs).rev() {

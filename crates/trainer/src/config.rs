@@ -219,12 +219,13 @@ pub struct LoraConfig {
     pub r: usize,
     /// PEFT `lora_alpha` (default 16).
     pub alpha: f64,
-    /// Stored in the adapter config; `kiln-lora` does not apply it in training.
+    /// PEFT `lora_dropout`: dropout on the adapters' input in training (default 0).
     pub dropout: f64,
     /// Module names, default `["q_proj", "v_proj"]`.
     pub target_modules: Vec<String>,
     pub use_rslora: bool,
-    /// A PEFT adapter folder to start from.
+    /// A PEFT adapter folder to start from; its `adapter_config.json` then gives r, alpha,
+    /// dropout and the target modules.
     pub adapter: Option<PathBuf>,
 }
 

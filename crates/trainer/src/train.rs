@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::{DType, Device};
 use kiln_dist::{Communicator, LocalWorld, ReduceOp};
 use kiln_lora::{LoraModel, TargetModules};
-use kiln_models::{GenerateConfig, Llama, LlamaConfig, generate};
+use kiln_models::{AdapterDropout, GenerateConfig, Llama, LlamaConfig, SplitMix64, generate};
 use kiln_precision::{AdamWConfig, ParamGroup, Policy};
 use kiln_zero::{Engine, Stage, StepReport, latest_checkpoint};
 use serde::{Deserialize, Serialize};
@@ -207,44 +207,89 @@ pub fn lora_config(config: &TrainConfig) -> Option<kiln_lora::LoraConfig> {
 /// Whether a parameter path trains.
 pub type Trainable = fn(&str) -> bool;
 
+/// The model every rank starts from.
+pub struct Built {
+    pub model: Llama,
+    /// Whether a parameter path trains.
+    pub trainable: Trainable,
+    /// The adapter's `lora_dropout` (0 without LoRA).
+    pub lora_dropout: f64,
+}
+
 /// Builds the model every rank starts from: the pretrained weights or a seeded random init,
-/// with the LoRA adapter attached (a loaded PEFT adapter, or a fresh one from the seed).
-/// Returns the model and whether a parameter path trains.
+/// with the LoRA adapter attached (a loaded PEFT adapter, whose `adapter_config.json` then gives
+/// r, alpha, dropout and targets, or a fresh one from the seed).
 pub fn build_model(
     config: &TrainConfig,
     model_config: &LlamaConfig,
     device: &Device,
-) -> Result<(Llama, Trainable)> {
+) -> Result<Built> {
     let model = match &config.model.pretrained {
         Some(dir) => Llama::from_pretrained(dir, device, DType::F32)?.1,
         None => Llama::random(model_config, config.train.seed, device, DType::F32)?,
     };
     let Some(lora) = lora_config(config) else {
-        return Ok((model, |_| true));
+        return Ok(Built {
+            model,
+            trainable: |_| true,
+            lora_dropout: 0.0,
+        });
     };
     let mut lora_model = LoraModel::new(model);
     match &config.lora.adapter {
         Some(dir) => lora_model.load_adapter("default", dir)?,
         None => lora_model.add_adapter("default", lora, config.train.seed ^ 0x4C6F_5241)?,
     }
-    Ok((lora_model.into_model(), |p| p.contains(".lora.")))
+    let lora_dropout = lora_model.config("default")?.dropout;
+    Ok(Built {
+        model: lora_model.into_model(),
+        trainable: |p| p.contains(".lora."),
+        lora_dropout,
+    })
 }
 
-/// This rank's rows cut into micro-batches of `micro` rows, as model input.
+/// The LoRA dropout of optimizer step `step` (`None` when `p` is 0), for the rows of the
+/// step's global batch from `first_row` on. The seed is a function of the run's seed and the
+/// step, so a resumed run drops what the uninterrupted run dropped.
+pub fn step_dropout(
+    p: f64,
+    seed: u64,
+    step: u64,
+    first_row: usize,
+) -> Result<Option<AdapterDropout>> {
+    if p == 0.0 {
+        return Ok(None);
+    }
+    let seed = SplitMix64::at(seed ^ 0x0064_726f_706f_7574, step);
+    let dropout = AdapterDropout::new(p, seed, first_row as u64)
+        .map_err(|e| TrainerError::invalid("lora.dropout", e.to_string()))?;
+    Ok(Some(dropout))
+}
+
+/// This rank's rows cut into micro-batches of `micro` rows, as model input; with `dropout`
+/// (training with LoRA dropout, `first_row` = this rank's first row) every micro-batch draws the
+/// masks of its own rows.
 pub fn batches(
     model_config: &LlamaConfig,
     rows: &[Example],
     micro: usize,
     device: &Device,
     dtype: DType,
+    dropout: Option<AdapterDropout>,
 ) -> Result<Vec<Batch>> {
+    let mut dropout = dropout;
     micro_batches(rows, micro)?
         .into_iter()
         .map(|rows| {
             let ids = rows.iter().flat_map(|r| r.ids.iter().copied()).collect();
             let labels = rows.iter().flat_map(|r| r.labels.iter().copied()).collect();
             let seq = rows.first().map_or(1, |r| r.ids.len());
-            Batch::new(model_config, ids, labels, seq, device, dtype)
+            let mut batch = Batch::new(model_config, ids, labels, seq, device, dtype)?;
+            if let Some(d) = dropout {
+                batch.ctx = batch.ctx.with_adapter_dropout(d);
+                dropout = Some(d.skip_rows(rows.len() as u64));
+            }
+            Ok(batch)
         })
         .collect()
 }
@@ -283,7 +328,11 @@ fn rank_main(
     let model_config = config.model_config()?;
     let zc = zero_config(config)?;
     let (policy, stage) = (zc.policy, zc.stage);
-    let (model, trainable) = build_model(config, &model_config, &device)?;
+    let Built {
+        model,
+        trainable,
+        lora_dropout,
+    } = build_model(config, &model_config, &device)?;
     let (mut total_params, mut trainable_params) = (0, 0);
     for (path, data) in kiln_zero::named_params(&model)? {
         total_params += data.num_elements();
@@ -381,7 +430,9 @@ fn rank_main(
         engine.set_lr(lr)?;
         let rows = dataset.global_batch(&mut pos, config.train.global_batch)?;
         let mine = rank_slice(&rows, rank, world)?;
-        let micro_batches = batches(&model_config, mine, micro, &device, policy.compute)?;
+        let first_row = rank * rows.len() / world;
+        let dropout = step_dropout(lora_dropout, config.train.seed, step, first_row)?;
+        let micro_batches = batches(&model_config, mine, micro, &device, policy.compute, dropout)?;
         let t = Instant::now();
         let r: StepReport = engine.step(&micro_batches)?;
         step += 1;
@@ -560,7 +611,7 @@ fn evaluate(
     let local = if rows.is_empty() {
         vec![]
     } else {
-        batches(model_config, rows, micro, device, policy.compute)?
+        batches(model_config, rows, micro, device, policy.compute, None)?
     };
     let (sum, tokens) = engine.evaluate(&local)?;
     let loss = (sum / tokens.max(1) as f64) as f32;
@@ -608,7 +659,7 @@ pub fn model_from_params(
     let mut config = config.clone();
     config.model.pretrained = None;
     config.lora.adapter = None;
-    let (model, _) = build_model(&config, model_config, device)?;
+    let model = build_model(&config, model_config, device)?.model;
     let values = params
         .into_iter()
         .map(|(p, d)| (p, d.convert_dtype(dtype)))

@@ -103,7 +103,7 @@ impl Units for LlamaUnits {
     }
 
     fn loss_sum(&self, input: Tensor<3>, batch: &Batch) -> Tensor<1> {
-        causal_lm_loss_sum(self.model.head(input), batch.labels.clone()).0
+        causal_lm_loss_sum(self.model.head(input, &batch.ctx), batch.labels.clone()).0
     }
 
     fn tokens(&self, batch: &Batch) -> usize {

@@ -116,22 +116,57 @@ fn every_stage_and_precision_trains_on_one_and_two_ranks() {
 
 #[test]
 fn the_same_run_on_one_and_two_ranks_has_the_same_losses() {
-    let (a, b) = (scratch("ranks1"), scratch("ranks2"));
-    train(
-        &a,
-        3,
-        &["zero.stage=3", "precision.compute=f32", "dist.world_size=1"],
-    );
-    train(
-        &b,
-        3,
-        &["zero.stage=3", "precision.compute=f32", "dist.world_size=2"],
-    );
-    for ((s, x), (_, y)) in losses(&a).iter().zip(losses(&b)) {
-        assert!((x - y).abs() <= 1e-5 * y.abs(), "step {s}: {x} vs {y}");
+    let full: &[&str] = &["zero.stage=3", "precision.compute=f32"];
+    // LoRA dropout masks are keyed by row of the global batch: 1 rank with 2 micro-batches and
+    // 2 ranks with 1 each drop the same elements.
+    let lora_dropout: &[&str] = &[
+        "zero.stage=3",
+        "precision.compute=f32",
+        "lora.enabled=true",
+        "lora.target_modules=[\"q_proj\", \"v_proj\", \"down_proj\"]",
+        "lora.dropout=0.2",
+        "optim.lr=1e-2",
+    ];
+    let mut runs = vec![];
+    for (name, common) in [("full", full), ("lora-dropout", lora_dropout)] {
+        let (a, b) = (scratch(&format!("{name}-1")), scratch(&format!("{name}-2")));
+        train(&a, 4, &[common, &["dist.world_size=1"]].concat());
+        train(&b, 4, &[common, &["dist.world_size=2"]].concat());
+        for ((s, x), (_, y)) in losses(&a).iter().zip(losses(&b)) {
+            assert!(
+                (x - y).abs() <= 1e-5 * y.abs(),
+                "{name} step {s}: {x} vs {y}"
+            );
+        }
+        runs.push(losses(&a));
+        let _ = std::fs::remove_dir_all(&a);
+        let _ = std::fs::remove_dir_all(&b);
     }
-    let _ = std::fs::remove_dir_all(&a);
-    let _ = std::fs::remove_dir_all(&b);
+    // Dropout is on: the same LoRA run without it takes another path after step 1 (B = 0 at
+    // step 1, so the first loss is the same).
+    let plain = scratch("lora-no-dropout");
+    let no_dropout: Vec<&str> = lora_dropout
+        .iter()
+        .map(|s| {
+            if s.starts_with("lora.dropout") {
+                "lora.dropout=0"
+            } else {
+                s
+            }
+        })
+        .chain(["dist.world_size=1"])
+        .collect();
+    train(&plain, 4, &no_dropout);
+    let (dropped, plain_losses) = (&runs[1], losses(&plain));
+    assert_eq!(dropped[0], plain_losses[0]);
+    assert!(
+        dropped[1..]
+            .iter()
+            .zip(&plain_losses[1..])
+            .any(|(x, y)| x.1 != y.1),
+        "{dropped:?} vs {plain_losses:?}"
+    );
+    let _ = std::fs::remove_dir_all(&plain);
 }
 
 #[test]
@@ -199,6 +234,7 @@ fn lora_trains_exports_peft_and_merges() {
         &[
             "lora.enabled=true",
             "lora.r=4",
+            "lora.dropout=0.05",
             "zero.stage=3",
             "dist.world_size=2",
         ],
@@ -234,6 +270,7 @@ fn lora_trains_exports_peft_and_merges() {
         assert!(theirs.get(key).is_some());
     }
     assert_eq!(ours["r"], 4);
+    assert_eq!(ours["lora_dropout"], 0.05);
     let bytes = std::fs::read(peft.join("adapter_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let names: Vec<String> = st.names().into_iter().map(String::from).collect();

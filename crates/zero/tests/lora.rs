@@ -38,6 +38,11 @@ type Out = (
 );
 
 fn run(stage: Stage, world: usize, policy: Policy) -> Vec<Out> {
+    run_with_dropout(stage, world, policy, 0.0, 1)
+}
+
+/// `STEPS` steps of `micro` micro-batches per rank, with LoRA dropout `p`.
+fn run_with_dropout(stage: Stage, world: usize, policy: Policy, p: f64, micro: usize) -> Vec<Out> {
     let cfg = tiny();
     LocalWorld::run(world, |comm| {
         let rank = comm.rank();
@@ -53,7 +58,7 @@ fn run(stage: Stage, world: usize, policy: Policy) -> Vec<Out> {
         let mut engine = Engine::new(lora_units(), comm, zc, is_adapter)?;
         let mut losses = vec![];
         for step in 0..STEPS {
-            let b = rank_batches(&cfg, step, rank, world, 1, policy.compute);
+            let b = rank_batches_with_dropout(&cfg, step, rank, world, micro, policy.compute, p);
             losses.push(engine.step(&b)?.loss);
         }
         let m = engine.memory();
@@ -144,6 +149,56 @@ fn bf16_zero3_lora_holds_two_bytes_per_base_parameter_over_n() {
                 "bf16 ZeRO-3 + LoRA N={world} rank {rank}: base shard {} B (2Ψ_base/N = {want}), adapter master {} B, AdamW {} B",
                 m.params, m.master, m.optimizer
             );
+        }
+    }
+}
+
+/// PEFT's `lora_dropout` under data parallelism: the masks are keyed by global row, so N ranks
+/// (and micro-batches, and stage 3's recompute of each block for its backward) drop exactly what
+/// one rank drops on the whole batch; dropout changes the trajectory, and the base never moves.
+#[test]
+fn lora_dropout_under_zero_equals_one_rank_with_the_same_masks() {
+    let p = 0.3;
+    let init = params_f32(&lora_units().model);
+    let reference = run_with_dropout(Stage::Ddp, 1, Policy::f32(), p, 1).remove(0);
+    let undropped = run(Stage::Ddp, 1, Policy::f32()).remove(0);
+    let moved = reference
+        .0
+        .iter()
+        .zip(&undropped.0)
+        .skip(1)
+        .any(|(a, b)| rel(*a, *b) > 1e-4);
+    assert!(
+        moved,
+        "dropout {p} left the losses unchanged: {:?} vs {:?}",
+        reference.0, undropped.0
+    );
+    for (stage, world, micro) in [
+        (Stage::Ddp, 1, 3),
+        (Stage::Two, 2, 1),
+        (Stage::Three, 2, 2),
+        (Stage::Three, 3, 1),
+    ] {
+        for (losses, params, _) in run_with_dropout(stage, world, Policy::f32(), p, micro) {
+            for (a, b) in losses.iter().zip(&reference.0) {
+                assert!(
+                    rel(*a, *b) <= 1e-5,
+                    "{stage:?} N={world} micro={micro}: loss {a} vs {b}"
+                );
+            }
+            for (name, want) in &reference.1 {
+                let got = &params[name];
+                if is_adapter(name) {
+                    for (g, w) in got.iter().zip(want) {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * w.abs().max(1e-2),
+                            "{name}: {g} vs {w}"
+                        );
+                    }
+                } else {
+                    assert_eq!(got, &init[name], "{stage:?}: base {name} moved");
+                }
+            }
         }
     }
 }

@@ -4,7 +4,9 @@
 use std::collections::HashMap;
 
 use burn::tensor::{DType, Device, Gradients, Int, Tensor, TensorData};
-use kiln_models::{Context, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, unit_of};
+use kiln_models::{
+    AdapterDropout, Context, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, unit_of,
+};
 use kiln_precision::{
     AdamWConfig, ParamGroup, Policy, cast_module, collect_grads, master_weights_for, write_back,
 };
@@ -69,13 +71,34 @@ pub fn rank_batches(
     micro: usize,
     dtype: DType,
 ) -> Vec<Batch> {
+    rank_batches_with_dropout(config, step, rank, world, micro, dtype, 0.0)
+}
+
+/// [`rank_batches`] in training with LoRA dropout `p` (seeded by the step): every micro-batch
+/// draws the masks of its rows of the global batch.
+pub fn rank_batches_with_dropout(
+    config: &LlamaConfig,
+    step: usize,
+    rank: usize,
+    world: usize,
+    micro: usize,
+    dtype: DType,
+    p: f64,
+) -> Vec<Batch> {
     let ids = global_ids(config, step);
     let (lo, hi) = (rank * ROWS / world, (rank + 1) * ROWS / world);
     let rows = hi - lo;
     (0..micro)
         .map(|m| (lo + m * rows / micro, lo + (m + 1) * rows / micro))
         .filter(|(a, b)| b > a)
-        .map(|(a, b)| batch(config, &ids[a * SEQ..b * SEQ], dtype))
+        .map(|(a, b)| {
+            let mut batch = batch(config, &ids[a * SEQ..b * SEQ], dtype);
+            if p > 0.0 {
+                let dropout = AdapterDropout::new(p, step as u64, a as u64).unwrap();
+                batch.ctx = batch.ctx.with_adapter_dropout(dropout);
+            }
+            batch
+        })
         .collect()
 }
 
@@ -137,7 +160,7 @@ impl Units for LlamaUnits {
     }
 
     fn loss_sum(&self, input: Tensor<3>, batch: &Batch) -> Tensor<1> {
-        causal_lm_loss_sum(self.model.head(input), batch.ids.clone()).0
+        causal_lm_loss_sum(self.model.head(input, &batch.ctx), batch.ids.clone()).0
     }
 
     fn tokens(&self, batch: &Batch) -> usize {
