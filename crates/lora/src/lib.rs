@@ -9,6 +9,8 @@
 //! ```ignore
 //! let mut lora = LoraModel::new(model);                      // freezes every base parameter
 //! lora.add_adapter("default", LoraConfig::default(), seed)?;  // q_proj, v_proj; r = 8
+//! let p = lora.config("default")?.dropout;                     // PEFT's lora_dropout
+//! let ctx = ctx.with_adapter_dropout(AdapterDropout::new(p, step, 0)?); // training only
 //! let logits = lora.model().forward(ids, &ctx);               // the model's own forward
 //! let grads = GradientsParams::from_grads(loss.backward(), lora.model());
 //! lora.map_model(|m| optim.step(lr, m, grads));               // optimizer state: A and B only

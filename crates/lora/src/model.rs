@@ -87,7 +87,9 @@ fn thousands(n: usize) -> String {
 
 /// A burn module with frozen base weights and any number of named LoRA adapters, at most one
 /// active. The active adapter is attached to its target weights as a burn reparameterization, so
-/// the module's own `forward` computes with `W0 + scaling · B A` unchanged.
+/// the module's own `forward` computes with `W0 + scaling · B A` unchanged (a layer that knows the
+/// attached factors, such as kiln-models' `Linear`, computes the same on activations, with
+/// `lora_dropout`).
 ///
 /// Train by running [`model`](Self::model), then stepping an optimizer through
 /// [`map_model`](Self::map_model); only `lora_A` / `lora_B` have gradients.

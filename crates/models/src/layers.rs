@@ -178,10 +178,19 @@ impl AdapterDropout {
         let mut values = Vec::with_capacity(rows * len);
         for b in 0..rows {
             let start = (self.first_row + b as u64) * len as u64;
+            let end = start + len as u64;
             // Two 32-bit draws per 64-bit output: draw k is half k % 2 of output k / 2.
-            for i in start..start + len as u64 {
-                let bits = SplitMix64::at(stream, i / 2) >> (32 * (i % 2)) & 0xffff_ffff;
-                values.push(if bits >= threshold { keep } else { 0.0 });
+            let mut k = start;
+            while k < end {
+                let bits = SplitMix64::at(stream, k / 2);
+                for half in k % 2..2 {
+                    if k == end {
+                        break;
+                    }
+                    let draw = (bits >> (32 * half)) & 0xffff_ffff;
+                    values.push(if draw >= threshold { keep } else { 0.0 });
+                    k += 1;
+                }
             }
         }
         Tensor::<D>::from_data(TensorData::new(values, dims), (device, DType::F32)).cast(dtype)

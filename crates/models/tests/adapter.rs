@@ -172,7 +172,7 @@ fn dropout_acts_on_the_adapter_input_only_zeroing_p_and_scaling_the_rest() {
 #[test]
 fn the_mask_depends_on_seed_layer_and_global_row_only() {
     let d = AdapterDropout::new(0.3, 7, 0).unwrap();
-    let dims = [6, 4, 8];
+    let dims = [6, 3, 5];
     let mask = |d: &AdapterDropout, dims: [usize; 3], salt: u64| -> Vec<f32> {
         d.mask(dims, salt, &device(), DType::F32)
             .into_data()
@@ -180,6 +180,20 @@ fn the_mask_depends_on_seed_layer_and_global_row_only() {
             .unwrap()
     };
     let whole = mask(&d, dims, 1);
+    // The documented definition, element by element: draw k of layer `salt` is 32-bit half
+    // k % 2 of output k / 2 of the stream seeded SplitMix64::at(seed, salt); it keeps when it is
+    // at or above p · 2³².
+    let stream = SplitMix64::at(7, 1);
+    let want: Vec<f32> = (0..6 * 3 * 5u64)
+        .map(|k| {
+            let draw = (SplitMix64::at(stream, k / 2) >> (32 * (k % 2))) & 0xffff_ffff;
+            match draw as f64 >= 0.3 * 4_294_967_296.0 {
+                true => (1.0 / 0.7) as f32,
+                false => 0.0,
+            }
+        })
+        .collect();
+    assert_eq!(whole, want);
     assert_eq!(
         whole,
         mask(&d, dims, 1),
@@ -191,10 +205,10 @@ fn the_mask_depends_on_seed_layer_and_global_row_only() {
         mask(&AdapterDropout::new(0.3, 8, 0).unwrap(), dims, 1),
         "another step"
     );
-    // Rows 0..2 as one batch and rows 2..6 as another (two ranks, or two micro-batches) drop what
-    // the whole batch drops.
-    let mut split = mask(&d, [2, 4, 8], 1);
-    split.extend(mask(&d.skip_rows(2), [4, 4, 8], 1));
+    // Row 0 as one batch and rows 1..6 as another (two ranks, or two micro-batches; a row of 15
+    // draws, so the second starts on an odd draw) drop what the whole batch drops.
+    let mut split = mask(&d, [1, 3, 5], 1);
+    split.extend(mask(&d.skip_rows(1), [5, 3, 5], 1));
     assert_eq!(whole, split);
     assert!(AdapterDropout::new(1.0, 0, 0).is_err());
     assert!(AdapterDropout::new(-0.1, 0, 0).is_err());
