@@ -58,11 +58,16 @@ impl Linear {
             None => x.matmul(self.weight.val().transpose().unsqueeze()),
             Some(lora) => {
                 let base = x.clone().matmul(self.weight.base().transpose().unsqueeze());
-                let x = match dropout {
-                    Some(d) if d.p > 0.0 => d.apply(x, self.salt),
-                    _ => x,
+                // `drop(x) = x · m / (1 - p)`: the 0/1 mask is exact in any dtype, and the
+                // `1 / (1 - p)` joins the scaling on the rank-r product (no rounded bf16 scale).
+                let (x, keep) = match dropout {
+                    Some(d) if d.p > 0.0 => {
+                        let mask = d.mask(x.dims(), self.salt, &x.device(), x.dtype());
+                        (x * mask, d.keep_scale())
+                    }
+                    _ => (x, 1.0),
                 };
-                base + low_rank(x, lora)
+                base + low_rank(x, lora, keep)
             }
         }
     }
@@ -84,7 +89,7 @@ impl Linear {
         };
         match self.adapter() {
             None => product(self.weight.val(), x),
-            Some(lora) => product(self.weight.base(), x.clone()) + low_rank(x, lora),
+            Some(lora) => product(self.weight.base(), x.clone()) + low_rank(x, lora, 1.0),
         }
     }
 
@@ -104,18 +109,18 @@ impl Linear {
     }
 }
 
-/// `scaling · x Aᵀ Bᵀ`: down to rank r, then up (PEFT's `lora_B(lora_A(x)) * scaling`), in the
-/// input's dtype.
-fn low_rank<const D: usize>(x: Tensor<D>, lora: &LoraAdapter) -> Tensor<D> {
+/// `factor · scaling · x Aᵀ Bᵀ`: down to rank r, then up (PEFT's `lora_B(lora_A(x)) * scaling`),
+/// in the input's dtype.
+fn low_rank<const D: usize>(x: Tensor<D>, lora: &LoraAdapter, factor: f64) -> Tensor<D> {
     let dtype = x.dtype();
-    let factor = |p: &Param<Tensor<2>>| {
+    let transposed = |p: &Param<Tensor<2>>| {
         let t = p.val();
         let t = if t.dtype() != dtype { t.cast(dtype) } else { t };
         t.transpose().unsqueeze::<D>()
     };
-    x.matmul(factor(&lora.b))
-        .matmul(factor(&lora.a))
-        .mul_scalar(lora.scale)
+    x.matmul(transposed(&lora.b))
+        .matmul(transposed(&lora.a))
+        .mul_scalar(lora.scale * factor)
 }
 
 /// PEFT's `lora_dropout` for one training forward: an adapter reads its layer's input through
@@ -154,15 +159,15 @@ impl AdapterDropout {
         }
     }
 
-    /// `x · m / (1 - p)`, with the mask of layer `salt`.
-    pub fn apply<const D: usize>(&self, x: Tensor<D>, salt: u64) -> Tensor<D> {
-        let mask = self.mask(x.dims(), salt, &x.device(), x.dtype());
-        x * mask
+    /// `1 / (1 - p)`: what a kept element is scaled by.
+    pub fn keep_scale(&self) -> f64 {
+        1.0 / (1.0 - self.p)
     }
 
-    /// The mask itself, `0` or `1 / (1 - p)`, of `dims` = `[rows, ...]`: element `i` of row `b`
-    /// (row-major within the row) keeps when the 32-bit draw number `(first_row + b) · len + i`
-    /// of the layer's stream falls at or above `p · 2³²`.
+    /// The keep mask of layer `salt` (1 kept, 0 dropped) of `dims` = `[rows, ...]`: element `i`
+    /// of row `b` (row-major within the row) keeps when the 32-bit draw number
+    /// `(first_row + b) · len + i` of the layer's stream falls at or above `p · 2³²`. Dropout is
+    /// `x · mask · keep_scale()`.
     pub fn mask<const D: usize>(
         &self,
         dims: [usize; D],
@@ -174,7 +179,6 @@ impl AdapterDropout {
         let len: usize = dims[1..].iter().product();
         let stream = SplitMix64::at(self.seed, salt);
         let threshold = (self.p * 4_294_967_296.0) as u64;
-        let keep = (1.0 / (1.0 - self.p)) as f32;
         let mut values = Vec::with_capacity(rows * len);
         for b in 0..rows {
             let start = (self.first_row + b as u64) * len as u64;
@@ -188,7 +192,7 @@ impl AdapterDropout {
                         break;
                     }
                     let draw = (bits >> (32 * half)) & 0xffff_ffff;
-                    values.push(if draw >= threshold { keep } else { 0.0 });
+                    values.push(if draw >= threshold { 1.0f32 } else { 0.0 });
                     k += 1;
                 }
             }

@@ -188,7 +188,7 @@ fn the_mask_depends_on_seed_layer_and_global_row_only() {
         .map(|k| {
             let draw = (SplitMix64::at(stream, k / 2) >> (32 * (k % 2))) & 0xffff_ffff;
             match draw as f64 >= 0.3 * 4_294_967_296.0 {
-                true => (1.0 / 0.7) as f32,
+                true => 1.0,
                 false => 0.0,
             }
         })
