@@ -41,6 +41,7 @@ fn bare(c: &TrainConfig) -> f64 {
         let mc = c.model_config().unwrap();
         let zc = zero_config(c).unwrap();
         let built = build_model(c, &mc, &device).unwrap();
+        let lora_dropout = built.lora_dropout();
         let (model, trainable) = (built.model, built.trainable);
         let mut engine = Engine::new(LlamaUnits::new(model), comm, zc, trainable)?;
         let mut pos = DataPosition::default();
@@ -50,13 +51,9 @@ fn bare(c: &TrainConfig) -> f64 {
                     .global_batch(&mut pos, c.train.global_batch)
                     .unwrap();
                 let mine = rank_slice(&rows, rank, world).unwrap();
-                let dropout = step_dropout(
-                    built.lora_dropout,
-                    c.train.seed,
-                    step,
-                    rank * rows.len() / world,
-                )
-                .unwrap();
+                let dropout =
+                    step_dropout(lora_dropout, c.train.seed, step, rank * rows.len() / world)
+                        .unwrap();
                 batches(
                     &mc,
                     mine,

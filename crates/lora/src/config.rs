@@ -252,6 +252,20 @@ impl LoraConfig {
         Value::Object(map)
     }
 
+    /// Reads an `adapter_config.json` file.
+    pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| LoraError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let json: Value = serde_json::from_str(&text).map_err(|source| LoraError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&json)
+    }
+
     /// Reads an `adapter_config.json` object. Refuses configs that ask for something kiln does not
     /// do (DoRA, biases, per-module ranks, ...), naming the field.
     pub fn from_json(value: &Value) -> Result<Self> {

@@ -55,17 +55,7 @@ impl PeftAdapter {
     /// Reads `dir/adapter_config.json` and `dir/adapter_model.safetensors`.
     pub fn load(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
-        let config_path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&config_path).map_err(|source| LoraError::Io {
-            path: config_path.clone(),
-            source,
-        })?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|source| LoraError::Json {
-                path: config_path.clone(),
-                source,
-            })?;
-        let config = LoraConfig::from_json(&json)?;
+        let config = LoraConfig::from_file(dir.join(CONFIG_FILE))?;
         let weights_path = dir.join(WEIGHTS_FILE);
         let bytes = std::fs::read(&weights_path).map_err(|source| LoraError::Io {
             path: weights_path.clone(),

@@ -28,7 +28,7 @@ pub use generate::{GenerateConfig, generate};
 pub use layers::{AdapterDropout, Linear};
 pub use llama::{Context, DecoderLayer, Llama, UnitId, unit_of};
 pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum};
-pub use source::{ParamSource, RandomInit, SplitMix64};
+pub use source::{ParamSource, RandomInit, SplitMix64, TensorMap};
 pub use weights::{SafetensorsSource, named_tensors, save_safetensors};
 
 impl Llama {

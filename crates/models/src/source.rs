@@ -1,8 +1,10 @@
 //! Where parameter values come from: a checkpoint on disk, or a seeded random init.
 
+use std::collections::HashMap;
+
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::layers::Init;
 
 /// Supplies each parameter by its HF name; models are built by asking for every key in turn,
@@ -54,6 +56,66 @@ impl ParamSource for RandomInit {
             }
         };
         let data = TensorData::new(values, shape).convert_dtype(self.dtype);
+        Ok(Tensor::from_data(data, (&self.device, self.dtype)))
+    }
+}
+
+/// Tensors already in memory, by HF name (a gathered or assembled checkpoint): each is moved out
+/// as the model asks for it, cast to `dtype`, so building a model from it holds every value once.
+/// What the model never asked for stays in [`TensorMap::rest`].
+pub struct TensorMap {
+    tensors: HashMap<String, TensorData>,
+    device: Device,
+    dtype: DType,
+    /// Names this source in errors.
+    pub source_name: String,
+}
+
+impl TensorMap {
+    pub fn new(
+        tensors: impl IntoIterator<Item = (String, TensorData)>,
+        device: &Device,
+        dtype: DType,
+        source_name: &str,
+    ) -> Self {
+        Self {
+            tensors: tensors.into_iter().collect(),
+            device: device.clone(),
+            dtype,
+            source_name: source_name.into(),
+        }
+    }
+
+    /// The tensors not yet taken.
+    pub fn rest(self) -> HashMap<String, TensorData> {
+        self.tensors
+    }
+}
+
+impl ParamSource for TensorMap {
+    fn tensor<const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+        _init: Init,
+    ) -> Result<Tensor<D>> {
+        let data = self
+            .tensors
+            .remove(key)
+            .ok_or_else(|| ModelError::MissingKey {
+                key: key.into(),
+                expected: shape.to_vec(),
+                source_name: self.source_name.clone(),
+            })?;
+        if data.shape()[..] != shape[..] {
+            return Err(ModelError::ShapeMismatch {
+                key: key.into(),
+                expected: shape.to_vec(),
+                found: data.shape().to_vec(),
+                source_name: self.source_name.clone(),
+            });
+        }
+        let data = data.convert_dtype(self.dtype);
         Ok(Tensor::from_data(data, (&self.device, self.dtype)))
     }
 }

@@ -8,10 +8,7 @@ use std::collections::HashMap;
 
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 use common::*;
-use kiln_models::layers::Init;
-use kiln_models::{
-    Context, Llama, LlamaConfig, ParamSource, Result, causal_lm_loss, named_tensors,
-};
+use kiln_models::{Context, Llama, LlamaConfig, TensorMap, causal_lm_loss, named_tensors};
 
 fn tiny(kv_heads: usize) -> LlamaConfig {
     LlamaConfig::from_json(&format!(
@@ -27,20 +24,6 @@ fn ids(config: &LlamaConfig, batch: usize, seq: usize, device: &Device) -> Tenso
         .map(|i| ((i * 7 + 3) % config.vocab_size) as i64)
         .collect();
     Tensor::from_data(TensorData::new(v, [batch, seq]), device)
-}
-
-/// Serves tensors from a map, as a checkpoint would.
-struct MapSource(HashMap<String, TensorData>, Device);
-
-impl ParamSource for MapSource {
-    fn tensor<const D: usize>(
-        &mut self,
-        key: &str,
-        _shape: [usize; D],
-        _init: Init,
-    ) -> Result<Tensor<D>> {
-        Ok(Tensor::from_data(self.0[key].clone(), &self.1))
-    }
 }
 
 #[test]
@@ -65,7 +48,11 @@ fn grouped_query_attention_equals_repeated_kv_heads() {
             );
         }
     }
-    let repeated = Llama::load(&mha, &mut MapSource(tensors, device.clone())).unwrap();
+    let repeated = Llama::load(
+        &mha,
+        &mut TensorMap::new(tensors, &device, DType::F32, "the repeated kv heads"),
+    )
+    .unwrap();
     let x = ids(&gqa, 2, 9, &device);
     let ctx = Context::new(&gqa, 2, 9, None, &device, DType::F32).unwrap();
     let diff = max_abs_diff(

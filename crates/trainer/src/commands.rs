@@ -13,7 +13,7 @@ use crate::config::{Task, TokenizerSpec, TrainConfig};
 use crate::data::{Dataset, Tokenizer, collate};
 use crate::train::{
     EvalResult, Resume, TrainSummary, addition_accuracy, checkpoint_config, human,
-    model_from_params, policy_of, train,
+    model_from_params, policy_of, tokenizer_for, train,
 };
 use crate::{Result, TrainerError};
 
@@ -115,11 +115,11 @@ pub fn load_model(
     match (checkpoint, pretrained) {
         (Some(dir), _) => {
             let (config, _) = checkpoint_config(dir)?;
-            let model_config = config.model_config()?;
-            let (_, params) = kiln_zero::read_full_checkpoint(dir)?;
+            let (manifest, params) = kiln_zero::read_full_checkpoint(dir)?;
+            let (model_config, lora) = crate::export::checkpoint_configs(&manifest.extra, dir)?;
             let dtype = policy_of(config.precision.compute).compute;
-            let model = model_from_params(&config, &model_config, params, device, dtype)?;
-            let tokenizer = Tokenizer::from_spec(&config.data.tokenizer)?;
+            let model = model_from_params(&model_config, lora.as_ref(), params, device, dtype)?;
+            let tokenizer = tokenizer_for(&config, &model_config)?;
             Ok(Loaded {
                 model,
                 model_config,
@@ -137,12 +137,7 @@ pub fn load_model(
             let model_config = LlamaConfig::from_file(dir.join("config.json"))?;
             let dtype = policy_of(config.precision.compute).compute;
             let (_, model) = Llama::from_pretrained(dir, device, dtype)?;
-            let mut tokenizer = Tokenizer::from_spec(&config.data.tokenizer)?;
-            if matches!(tokenizer, Tokenizer::Byte)
-                && model_config.vocab_size < tokenizer.vocab_size()
-            {
-                tokenizer = byte_tokenizer_of(dir, &model_config)?;
-            }
+            let tokenizer = tokenizer_for(&config, &model_config)?;
             Ok(Loaded {
                 model,
                 model_config,
@@ -154,35 +149,6 @@ pub fn load_model(
             "give --checkpoint DIR or --pretrained DIR".into(),
         )),
     }
-}
-
-/// The byte tokenizer for a byte-level HF model with fewer than 259 ids: raw bytes, with the
-/// model's own `bos_token_id` / `eos_token_id` from its `config.json`.
-fn byte_tokenizer_of(dir: &Path, config: &LlamaConfig) -> Result<Tokenizer> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| TrainerError::Io {
-        path: path.clone(),
-        source: e,
-    })?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| TrainerError::Tokenizer {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-    let id = |key: &str| json.get(key).and_then(|v| v.as_i64());
-    let eos = id("eos_token_id").ok_or_else(|| TrainerError::Tokenizer {
-        path: path.clone(),
-        reason: format!(
-            "no tokenizer.json, a vocabulary of {} (< 259, too small for kiln's byte tokenizer) \
-             and no eos_token_id to use raw bytes with",
-            config.vocab_size
-        ),
-    })?;
-    Ok(Tokenizer::ByteSpecial {
-        bos: id("bos_token_id"),
-        eos,
-        pad: id("pad_token_id").unwrap_or(eos),
-    })
 }
 
 /// `kiln eval`: held-out loss and perplexity on one process, and exact-match accuracy for the

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use burn::tensor::{DType, Device};
 use kiln_dist::{Communicator, LocalWorld, ReduceOp};
 use kiln_lora::{LoraModel, TargetModules};
-use kiln_models::{AdapterDropout, GenerateConfig, Llama, LlamaConfig, SplitMix64, generate};
+use kiln_models::{
+    AdapterDropout, GenerateConfig, Llama, LlamaConfig, SplitMix64, TensorMap, generate,
+};
 use kiln_precision::{AdamWConfig, ParamGroup, Policy};
 use kiln_zero::{Engine, Stage, StepReport, latest_checkpoint};
 use serde::{Deserialize, Serialize};
@@ -191,16 +193,77 @@ pub fn stage_of(stage: u8) -> Result<Stage> {
     })
 }
 
-/// The LoRA config of the run (PEFT semantics), if LoRA is on.
-pub fn lora_config(config: &TrainConfig) -> Option<kiln_lora::LoraConfig> {
+/// The LoRA config of the run (PEFT semantics), if LoRA is on: the `[lora]` fields, or the
+/// `adapter_config.json` of the PEFT adapter the run starts from (`lora.adapter`).
+pub fn lora_config(config: &TrainConfig) -> Result<Option<kiln_lora::LoraConfig>> {
     let l = &config.lora;
-    l.enabled.then(|| kiln_lora::LoraConfig {
+    if !l.enabled && l.adapter.is_none() {
+        return Ok(None);
+    }
+    if let Some(dir) = &l.adapter {
+        return Ok(Some(kiln_lora::LoraConfig::from_file(
+            dir.join(kiln_lora::peft::CONFIG_FILE),
+        )?));
+    }
+    Ok(Some(kiln_lora::LoraConfig {
         r: l.r,
         alpha: l.alpha,
         dropout: l.dropout,
         target_modules: TargetModules::Names(l.target_modules.clone()),
         use_rslora: l.use_rslora,
         ..Default::default()
+    }))
+}
+
+/// The run's tokenizer: `data.tokenizer`, except that a byte-level pretrained model with fewer
+/// than 259 ids (too few for kiln's byte tokenizer's BOS/EOS/PAD) gets raw bytes with its own
+/// special ids. Refuses a tokenizer whose ids do not fit the model's vocabulary.
+pub fn tokenizer_for(config: &TrainConfig, model_config: &LlamaConfig) -> Result<Tokenizer> {
+    let mut tokenizer = Tokenizer::from_spec(&config.data.tokenizer)?;
+    if let (Tokenizer::Byte, Some(dir)) = (&tokenizer, &config.model.pretrained)
+        && model_config.vocab_size < tokenizer.vocab_size()
+    {
+        tokenizer = byte_tokenizer_of(dir, model_config)?;
+    }
+    if tokenizer.vocab_size() > model_config.vocab_size {
+        return Err(TrainerError::invalid(
+            "data.tokenizer",
+            format!(
+                "{} ids, more than the model's vocabulary of {}",
+                tokenizer.vocab_size(),
+                model_config.vocab_size
+            ),
+        ));
+    }
+    Ok(tokenizer)
+}
+
+/// The byte tokenizer for a byte-level HF model with fewer than 259 ids: raw bytes, with the
+/// model's own `bos_token_id` / `eos_token_id` from its `config.json`.
+fn byte_tokenizer_of(dir: &Path, config: &LlamaConfig) -> Result<Tokenizer> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainerError::Io {
+        path: path.clone(),
+        source: e,
+    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| TrainerError::Tokenizer {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+    let id = |key: &str| json.get(key).and_then(|v| v.as_i64());
+    let eos = id("eos_token_id").ok_or_else(|| TrainerError::Tokenizer {
+        path: path.clone(),
+        reason: format!(
+            "no tokenizer.json, a vocabulary of {} (< 259, too small for kiln's byte tokenizer) \
+             and no eos_token_id to use raw bytes with",
+            config.vocab_size
+        ),
+    })?;
+    Ok(Tokenizer::ByteSpecial {
+        bos: id("bos_token_id"),
+        eos,
+        pad: id("pad_token_id").unwrap_or(eos),
     })
 }
 
@@ -212,8 +275,15 @@ pub struct Built {
     pub model: Llama,
     /// Whether a parameter path trains.
     pub trainable: Trainable,
+    /// The adapter's config (PEFT semantics), with LoRA.
+    pub lora: Option<kiln_lora::LoraConfig>,
+}
+
+impl Built {
     /// The adapter's `lora_dropout` (0 without LoRA).
-    pub lora_dropout: f64,
+    pub fn lora_dropout(&self) -> f64 {
+        self.lora.as_ref().map_or(0.0, |l| l.dropout)
+    }
 }
 
 /// Builds the model every rank starts from: the pretrained weights or a seeded random init,
@@ -228,23 +298,22 @@ pub fn build_model(
         Some(dir) => Llama::from_pretrained(dir, device, DType::F32)?.1,
         None => Llama::random(model_config, config.train.seed, device, DType::F32)?,
     };
-    let Some(lora) = lora_config(config) else {
+    let Some(lora) = lora_config(config)? else {
         return Ok(Built {
             model,
             trainable: |_| true,
-            lora_dropout: 0.0,
+            lora: None,
         });
     };
     let mut lora_model = LoraModel::new(model);
     match &config.lora.adapter {
         Some(dir) => lora_model.load_adapter("default", dir)?,
-        None => lora_model.add_adapter("default", lora, config.train.seed ^ 0x4C6F_5241)?,
+        None => lora_model.add_adapter("default", lora.clone(), config.train.seed ^ 0x4C6F_5241)?,
     }
-    let lora_dropout = lora_model.config("default")?.dropout;
     Ok(Built {
         model: lora_model.into_model(),
         trainable: |p| p.contains(".lora."),
-        lora_dropout,
+        lora: Some(lora),
     })
 }
 
@@ -323,16 +392,17 @@ fn rank_main(
     let (rank, world) = (comm.rank(), comm.world_size());
     let lead = rank == 0;
     let device = device_for(backend, rank);
-    let tokenizer = Tokenizer::from_spec(&config.data.tokenizer)?;
-    let dataset = Dataset::new(&config.data, tokenizer, config.train.seed)?;
     let model_config = config.model_config()?;
+    let tokenizer = tokenizer_for(config, &model_config)?;
+    let dataset = Dataset::new(&config.data, tokenizer, config.train.seed)?;
     let zc = zero_config(config)?;
     let (policy, stage) = (zc.policy, zc.stage);
+    let built = build_model(config, &model_config, &device)?;
+    let lora_dropout = built.lora_dropout();
+    let lora_json = built.lora.as_ref().map(|l| l.to_json());
     let Built {
-        model,
-        trainable,
-        lora_dropout,
-    } = build_model(config, &model_config, &device)?;
+        model, trainable, ..
+    } = built;
     let (mut total_params, mut trainable_params) = (0, 0);
     for (path, data) in kiln_zero::named_params(&model)? {
         total_params += data.num_elements();
@@ -355,7 +425,7 @@ fn rank_main(
             data_position: pos,
             skipped_steps: skipped,
             model_config: model_config.to_hf_json(),
-            lora: lora_config(config).map(|l| l.to_json()),
+            lora: lora_json.clone(),
             config: config.to_toml()?,
         };
         serde_json::to_value(s).map_err(|e| TrainerError::Checkpoint(e.to_string()))
@@ -628,9 +698,10 @@ fn evaluate(
     let mut accuracy = None;
     let mut samples = vec![];
     if let Some(task) = task {
+        let lora = lora_config(config)?;
         let model = model_from_params(
-            config,
             model_config,
+            lora.as_ref(),
             params,
             &Device::flex(),
             policy.compute,
@@ -648,23 +719,34 @@ fn evaluate(
     }))
 }
 
-/// A model of this run's shape (with the LoRA factors when on) holding `params`.
+/// A model holding `params` (HF paths; with LoRA, the factors at [`kiln_lora::burn_factor_path`]),
+/// cast to `dtype`: each value is moved into the model, never a second copy of the whole model.
 pub fn model_from_params(
-    config: &TrainConfig,
     model_config: &LlamaConfig,
+    lora: Option<&kiln_lora::LoraConfig>,
     params: Vec<(String, burn::tensor::TensorData)>,
     device: &Device,
     dtype: DType,
 ) -> Result<Llama> {
-    let mut config = config.clone();
-    config.model.pretrained = None;
-    config.lora.adapter = None;
-    let model = build_model(&config, model_config, device)?.model;
-    let values = params
+    let mut source = TensorMap::new(params, device, dtype, "the checkpoint's parameters");
+    let base = Llama::load(model_config, &mut source)?;
+    let factors = source.rest();
+    let Some(lora) = lora else {
+        if let Some(key) = factors.keys().next() {
+            return Err(TrainerError::Checkpoint(format!(
+                "parameter `{key}` is not in the model (LoRA factors without a LoRA config?)"
+            )));
+        }
+        return Ok(base);
+    };
+    // A fresh adapter of the right shapes (r · (in + out) values per target), then the values.
+    let mut lora_model = LoraModel::new(base);
+    lora_model.add_adapter("default", lora.clone(), 0)?;
+    let factors = factors
         .into_iter()
         .map(|(p, d)| (p, d.convert_dtype(dtype)))
         .collect();
-    Ok(kiln_zero::load_params(model, &values)?)
+    Ok(kiln_zero::load_params(lora_model.into_model(), &factors)?)
 }
 
 /// Greedy exact-match accuracy on the held-out addition pairs, and a few samples.

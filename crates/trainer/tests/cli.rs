@@ -427,6 +427,20 @@ fn invalid_configs_name_the_field() {
     std::fs::write(&cfg, "[optim]\nlr = \"fast\"\n").unwrap();
     let e = fails(&["train", "--config", cfg.to_str().unwrap()]);
     assert!(e.contains("bad.toml") && e.contains("lr"), "{e}");
+    // The byte tokenizer's ids (259) do not fit a model of 100: an error, not an index panic.
+    let small = dir.join("small.json");
+    std::fs::write(
+        &small,
+        r#"{"vocab_size": 100, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 64}"#,
+    )
+    .unwrap();
+    let e = fails(&[
+        "train",
+        "--set",
+        &format!("model.config={}", small.display()),
+    ]);
+    assert!(e.contains("data.tokenizer") && e.contains("100"), "{e}");
     let e = fails(&[
         "export",
         "--checkpoint",
@@ -436,4 +450,56 @@ fn invalid_configs_name_the_field() {
     ]);
     assert!(e.contains("manifest.json"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_run_from_a_peft_adapter_keeps_its_config_through_checkpoint_export_and_eval() {
+    // The rsLoRA fixture adapter (r 4, rsLoRA, q/v) on the fixture Llama: the adapter's own
+    // adapter_config.json rules, not the [lora] defaults (r 8, alpha 16, no rsLoRA).
+    let adapter = fixtures().join("lora/adapter_rslora");
+    let theirs: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    let out = scratch("from-peft");
+    train(
+        &out,
+        2,
+        &[
+            &format!(
+                "model.pretrained={}",
+                fixtures().join("llama/model").display()
+            ),
+            &format!("lora.adapter={}", adapter.display()),
+            "lora.enabled=true",
+            "precision.compute=f32",
+            "dist.world_size=2",
+        ],
+    );
+    let ckpt = out.join("checkpoints/step-00000002");
+    let peft = out.join("peft");
+    ok(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--out",
+        peft.to_str().unwrap(),
+        "--peft",
+    ]);
+    let ours: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
+            .unwrap();
+    for key in ["r", "lora_alpha", "use_rslora", "lora_dropout"] {
+        assert_eq!(ours[key], theirs[key], "{key}");
+    }
+    // `eval --checkpoint` rebuilds the adapted model from the checkpoint's own LoRA config.
+    let text = ok(&[
+        "eval",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--set",
+        "data.eval_examples=8",
+    ]);
+    assert!(text.contains("held-out loss"), "{text}");
+    let _ = std::fs::remove_dir_all(&out);
 }

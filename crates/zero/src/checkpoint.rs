@@ -157,14 +157,26 @@ pub fn read_manifest(dir: impl AsRef<Path>) -> Result<Manifest> {
     Ok(m)
 }
 
-/// The rank files of a checkpoint, mapped and verified against the manifest's sizes and CRCs.
+/// The rank files of a checkpoint, mapped and verified against the manifest's sizes and CRCs,
+/// with each file's header read once: where each buffer's piece sits in the file and in the
+/// whole buffer.
 struct Files {
     maps: Vec<(PathBuf, memmap2::Mmap)>,
+    /// Per file: buffer name -> its piece.
+    pieces: Vec<HashMap<String, Piece>>,
+}
+
+/// One rank's piece of a buffer: `bytes` of the file hold elements `[offset, offset + n)`.
+struct Piece {
+    offset: usize,
+    dtype: Dtype,
+    bytes: std::ops::Range<usize>,
 }
 
 impl Files {
     fn open(dir: &Path, m: &Manifest) -> Result<Self> {
         let mut maps = Vec::with_capacity(m.files.len());
+        let mut pieces = Vec::with_capacity(m.files.len());
         for f in &m.files {
             let path = dir.join(&f.file);
             let file = fs::File::open(&path).map_err(io(&path))?;
@@ -191,30 +203,51 @@ impl Files {
                     ),
                 ));
             }
+            pieces.push(Self::index(&path, &map)?);
             maps.push((path, map));
         }
-        Ok(Self { maps })
+        Ok(Self { maps, pieces })
+    }
+
+    /// Reads one file's header: every tensor with its global offset (from the metadata) and
+    /// its byte range in the file.
+    fn index(path: &Path, map: &[u8]) -> Result<HashMap<String, Piece>> {
+        let st = SafeTensors::deserialize(map).map_err(|e| err(path, e.to_string()))?;
+        let (_, meta) = SafeTensors::read_metadata(map).map_err(|e| err(path, e.to_string()))?;
+        let offsets = meta.metadata().clone().unwrap_or_default();
+        let mut out = HashMap::new();
+        for (name, view) in st.tensors() {
+            let Some(offset) = offsets.get(&name) else {
+                continue;
+            };
+            let offset: usize = offset
+                .parse()
+                .map_err(|_| err(path, format!("offset of {name} is {offset:?}")))?;
+            let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
+            let bytes = start..start + view.data().len();
+            let dtype = view.dtype();
+            out.insert(
+                name,
+                Piece {
+                    offset,
+                    dtype,
+                    bytes,
+                },
+            );
+        }
+        Ok(out)
     }
 
     /// Assembles the whole `len`-element buffer `name` from the pieces in every file, as f32.
     fn assemble(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         let mut out = vec![0.0f32; len];
         let mut covered = 0usize;
-        for (path, map) in &self.maps {
-            let (_, meta) =
-                SafeTensors::read_metadata(map).map_err(|e| err(path, e.to_string()))?;
-            let Some(offset) = meta.metadata().as_ref().and_then(|m| m.get(name)) else {
+        for ((path, map), pieces) in self.maps.iter().zip(&self.pieces) {
+            let Some(piece) = pieces.get(name) else {
                 continue;
             };
-            let offset: usize = offset
-                .parse()
-                .map_err(|_| err(path, format!("offset of {name} is {offset:?}")))?;
-            let st = SafeTensors::deserialize(map).map_err(|e| err(path, e.to_string()))?;
-            let view = st
-                .tensor(name)
-                .map_err(|e| err(path, format!("{name}: {e}")))?;
-            let bytes = view.data();
-            let values: Vec<f32> = match view.dtype() {
+            let bytes = &map[piece.bytes.clone()];
+            let values: Vec<f32> = match piece.dtype {
                 Dtype::F32 => bytes
                     .chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -229,6 +262,7 @@ impl Files {
                     .collect(),
                 other => return Err(err(path, format!("{name}: dtype {other:?}"))),
             };
+            let offset = piece.offset;
             if offset + values.len() > len {
                 return Err(err(
                     path,
