@@ -5,13 +5,15 @@
 //! `cargo bench --profile dev -p kiln-benches --bench zero` prints the table (2 timed steps per
 //! row); `KILN_ZERO_CRITERION=1` adds criterion samples (about 75 s per row on 2 cores). Thread
 //! ranks share the machine's cores, so N ranks do not run N times faster here; the table shows the engine's overhead
-//! and the memory/traffic trade of each stage.
+//! and the memory/traffic trade of each stage. A second table runs the flagship recipe (ZeRO-3 +
+//! LoRA r=8 on q, v, bf16) against full fine-tuning under ZeRO-3 on the same ranks.
 
 use std::time::{Duration, Instant};
 
 use burn::tensor::{DType, Device};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use kiln_dist::LocalWorld;
+use kiln_lora::{LoraConfig, LoraModel};
 use kiln_models::{Llama, LlamaConfig};
 use kiln_precision::Policy;
 use kiln_trainer::units::{Batch, LlamaUnits};
@@ -31,6 +33,12 @@ fn config() -> LlamaConfig {
 
 /// Per-rank step time (max over ranks), rank 0's model-state bytes and traffic per step.
 fn run(stage: Stage, world: usize, iters: u64) -> (Duration, u64, u64) {
+    run_with(stage, world, iters, false)
+}
+
+/// [`run`], with `lora`: PEFT's default adapter (r = 8, alpha 16, q_proj and v_proj) on a frozen
+/// base, the base sharded in the compute dtype under stage 3.
+fn run_with(stage: Stage, world: usize, iters: u64, lora: bool) -> (Duration, u64, u64) {
     let cfg = config();
     let policy = Policy::bf16();
     let out = LocalWorld::run(world, |comm| {
@@ -49,7 +57,16 @@ fn run(stage: Stage, world: usize, iters: u64) -> (Duration, u64, u64) {
             policy,
             ..Default::default()
         };
-        let mut engine = Engine::new(LlamaUnits::new(model), comm, zc, |_| true)?;
+        let (model, trainable): (Llama, fn(&str) -> bool) = match lora {
+            false => (model, |_| true),
+            true => {
+                let mut lora = LoraModel::new(model);
+                lora.add_adapter("default", LoraConfig::default(), 1)
+                    .map_err(|e| ZeroError::Model(e.to_string()))?;
+                (lora.into_model(), |p| p.contains(".lora."))
+            }
+        };
+        let mut engine = Engine::new(LlamaUnits::new(model), comm, zc, trainable)?;
         let bytes = engine.step(std::slice::from_ref(&batch))?.model_bytes_sent;
         let t = Instant::now();
         for _ in 0..iters {
@@ -74,6 +91,19 @@ fn zero(c: &mut Criterion) {
             let (t, mem, traffic) = run(stage, world, STEPS);
             println!(
                 "| {stage:?} | {world} | {:.0} ms | {:.1} MB | {:.1} MB |",
+                t.as_secs_f64() * 1e3 / STEPS as f64,
+                mem as f64 / 1e6,
+                traffic as f64 / 1e6
+            );
+        }
+    }
+    println!("\n| ZeRO-3, bf16 | N | step | model state / rank | traffic / step / rank |");
+    println!("| --- | --- | --- | --- | --- |");
+    for world in [2, 4] {
+        for (name, lora) in [("full fine-tune", false), ("LoRA r=8 q,v", true)] {
+            let (t, mem, traffic) = run_with(Stage::Three, world, STEPS, lora);
+            println!(
+                "| {name} | {world} | {:.0} ms | {:.2} MB | {:.2} MB |",
                 t.as_secs_f64() * 1e3 / STEPS as f64,
                 mem as f64 / 1e6,
                 traffic as f64 / 1e6

@@ -72,6 +72,23 @@ fn train(out: &Path, steps: u64, extra: &[&str]) -> String {
     ok(&args)
 }
 
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// `kiln export --peft` of checkpoint `ckpt` into `out`; returns its `adapter_config.json`.
+fn export_peft(ckpt: &Path, out: &Path) -> serde_json::Value {
+    ok(&[
+        "export",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--peft",
+    ]);
+    json(&out.join("adapter_config.json"))
+}
+
 /// (step, loss) of every training record in `metrics.jsonl`.
 fn losses(out: &Path) -> Vec<(u64, f64)> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -242,22 +259,9 @@ fn lora_trains_exports_peft_and_merges() {
     assert!(text.contains("parameters trained"), "{text}");
     let ckpt = out.join("checkpoints/step-00000003");
     let peft = out.join("peft");
-    ok(&[
-        "export",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--out",
-        peft.to_str().unwrap(),
-        "--peft",
-    ]);
     // PEFT's names, shapes and config fields, as in the fixture adapter.
-    let ours: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
-            .unwrap();
-    let theirs: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("lora/adapter/adapter_config.json")).unwrap(),
-    )
-    .unwrap();
+    let ours = export_peft(&ckpt, &peft);
+    let theirs = json(&fixtures().join("lora/adapter/adapter_config.json"));
     for key in [
         "r",
         "lora_alpha",
@@ -457,10 +461,7 @@ fn a_run_from_a_peft_adapter_keeps_its_config_through_checkpoint_export_and_eval
     // The rsLoRA fixture adapter (r 4, rsLoRA, q/v) on the fixture Llama: the adapter's own
     // adapter_config.json rules, not the [lora] defaults (r 8, alpha 16, no rsLoRA).
     let adapter = fixtures().join("lora/adapter_rslora");
-    let theirs: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
-    )
-    .unwrap();
+    let theirs = json(&adapter.join("adapter_config.json"));
     let out = scratch("from-peft");
     train(
         &out,
@@ -477,18 +478,7 @@ fn a_run_from_a_peft_adapter_keeps_its_config_through_checkpoint_export_and_eval
         ],
     );
     let ckpt = out.join("checkpoints/step-00000002");
-    let peft = out.join("peft");
-    ok(&[
-        "export",
-        "--checkpoint",
-        ckpt.to_str().unwrap(),
-        "--out",
-        peft.to_str().unwrap(),
-        "--peft",
-    ]);
-    let ours: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(peft.join("adapter_config.json")).unwrap())
-            .unwrap();
+    let ours = export_peft(&ckpt, &out.join("peft"));
     for key in ["r", "lora_alpha", "use_rslora", "lora_dropout"] {
         assert_eq!(ours[key], theirs[key], "{key}");
     }
