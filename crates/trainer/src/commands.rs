@@ -117,7 +117,7 @@ pub fn load_model(
             let (config, _) = checkpoint_config(dir)?;
             let (manifest, params) = kiln_zero::read_full_checkpoint(dir)?;
             let (model_config, lora) = crate::export::checkpoint_configs(&manifest.extra, dir)?;
-            let dtype = policy_of(config.precision.compute).compute;
+            let dtype = policy_of(&config.precision).compute;
             let model = model_from_params(&model_config, lora.as_ref(), params, device, dtype)?;
             let tokenizer = tokenizer_for(&config, &model_config)?;
             Ok(Loaded {
@@ -135,7 +135,7 @@ pub fn load_model(
                 config.data.tokenizer = TokenizerSpec::File(tok);
             }
             let model_config = LlamaConfig::from_file(dir.join("config.json"))?;
-            let dtype = policy_of(config.precision.compute).compute;
+            let dtype = policy_of(&config.precision).compute;
             let (_, model) = Llama::from_pretrained(dir, device, dtype)?;
             let tokenizer = tokenizer_for(&config, &model_config)?;
             Ok(Loaded {
@@ -172,7 +172,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalResult> {
         config.data.paths = args.data.clone();
     }
     let dataset = Dataset::new(&config.data, loaded.tokenizer, config.train.seed)?;
-    let dtype = policy_of(config.precision.compute).compute;
+    let dtype = policy_of(&config.precision).compute;
     let (mut sum, mut count) = (0.0f64, 0.0f64);
     for rows in dataset.eval().chunks(config.train.micro_batch.max(1)) {
         let b = collate(rows)?;

@@ -159,11 +159,26 @@ pub enum ComputeDtype {
     F16,
 }
 
-/// `[precision]`: the compute dtype; master weights and reductions are always f32.
+/// `precision.reduce`: the dtype gradients cross ranks in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReduceDtype {
+    #[default]
+    F32,
+    /// Half the reduction traffic (FSDP's `reduce_dtype = bfloat16`).
+    Bf16,
+    F16,
+}
+
+/// `[precision]`: the compute dtype and the gradient-reduction dtype; master weights and
+/// optimizer state are always f32.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PrecisionConfig {
     pub compute: ComputeDtype,
+    /// f32 by default; bf16 or f16 halve the bytes of the gradient reduction (each rank's
+    /// gradient is rounded once, summed in f32, rounded again).
+    pub reduce: ReduceDtype,
 }
 
 /// `[zero]`: the ZeRO stage, 0 (DDP) to 3 (FSDP); maps to `kiln_zero::Stage`.

@@ -21,7 +21,7 @@ use kiln_precision::{AdamWConfig, ParamGroup, Policy};
 use kiln_zero::{Engine, Stage, StepReport, latest_checkpoint};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ComputeDtype, DistBackend, TrainConfig};
+use crate::config::{ComputeDtype, DistBackend, PrecisionConfig, ReduceDtype, TrainConfig};
 use crate::data::{
     AdditionTask, DataPosition, Dataset, Example, Tokenizer, micro_batches, rank_slice,
 };
@@ -168,13 +168,19 @@ fn device_for(backend: &str, rank: usize) -> Device {
     Device::flex().autodiff()
 }
 
-/// The policy of `precision.compute`.
-pub fn policy_of(compute: ComputeDtype) -> Policy {
-    match compute {
+/// The policy of `[precision]`: compute and reduction dtypes, f32 master weights.
+pub fn policy_of(precision: &PrecisionConfig) -> Policy {
+    let policy = match precision.compute {
         ComputeDtype::F32 => Policy::f32(),
         ComputeDtype::Bf16 => Policy::bf16(),
         ComputeDtype::F16 => Policy::fp16(),
-    }
+    };
+    let reduce = match precision.reduce {
+        ReduceDtype::F32 => DType::F32,
+        ReduceDtype::Bf16 => DType::BF16,
+        ReduceDtype::F16 => DType::F16,
+    };
+    Policy { reduce, ..policy }
 }
 
 /// The stage of `zero.stage`.
@@ -368,7 +374,7 @@ pub fn zero_config(config: &TrainConfig) -> Result<kiln_zero::ZeroConfig> {
     let o = &config.optim;
     Ok(kiln_zero::ZeroConfig {
         stage: stage_of(config.zero.stage)?,
-        policy: policy_of(config.precision.compute),
+        policy: policy_of(&config.precision),
         adamw: AdamWConfig {
             beta1: o.betas[0],
             beta2: o.betas[1],
@@ -675,7 +681,7 @@ fn evaluate(
     with_samples: bool,
 ) -> Result<Option<EvalResult>> {
     let (rank, world) = (engine.comm().rank(), engine.comm().world_size());
-    let policy = policy_of(config.precision.compute);
+    let policy = policy_of(&config.precision);
     let rows = rank_slice(dataset.eval(), rank, world)?;
     let micro = config.train.micro_batch.max(1);
     let local = if rows.is_empty() {

@@ -103,21 +103,23 @@ fn losses(out: &Path) -> Vec<(u64, f64)> {
 
 #[test]
 fn every_stage_and_precision_trains_on_one_and_two_ranks() {
-    for (stage, compute, world) in [
-        ("0", "bf16", "2"),
-        ("1", "bf16", "2"),
-        ("2", "f16", "2"),
-        ("3", "bf16", "2"),
-        ("3", "f16", "1"),
-        ("3", "f32", "2"),
+    for (stage, compute, reduce, world) in [
+        ("0", "bf16", "f32", "2"),
+        ("1", "bf16", "bf16", "2"),
+        ("2", "f16", "f32", "2"),
+        ("3", "bf16", "f32", "2"),
+        ("3", "bf16", "bf16", "2"),
+        ("3", "f16", "f16", "1"),
+        ("3", "f32", "f32", "2"),
     ] {
-        let out = scratch(&format!("stage{stage}-{compute}-{world}"));
+        let out = scratch(&format!("stage{stage}-{compute}-{reduce}-{world}"));
         let text = train(
             &out,
             3,
             &[
                 &format!("zero.stage={stage}"),
                 &format!("precision.compute={compute}"),
+                &format!("precision.reduce={reduce}"),
                 &format!("dist.world_size={world}"),
             ],
         );
@@ -425,6 +427,8 @@ fn invalid_configs_name_the_field() {
     assert!(e.contains("zero.stage"), "{e}");
     let e = fails(&["train", "--set", "optim.lr=-1"]);
     assert!(e.contains("optim.lr"), "{e}");
+    let e = fails(&["train", "--set", "precision.reduce=f8"]);
+    assert!(e.contains("precision.reduce"), "{e}");
     let dir = scratch("badcfg");
     std::fs::create_dir_all(&dir).unwrap();
     let cfg = dir.join("bad.toml");

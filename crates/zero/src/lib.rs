@@ -28,9 +28,10 @@
 //! - Each rank's loss is the *sum* over its tokens divided by the global token count (all-reduced
 //!   before backward), and gradients are reduced with `Sum`: N ranks on slices of a batch, with or
 //!   without micro-batches, train like one rank on the whole batch.
-//! - Gradients are accumulated and reduced in f32 (`policy.reduce`); parameters are all-gathered
-//!   in the compute dtype, so with bf16 one step moves `(4 + 2)·Ψ·(N-1)/N` bytes under stages
-//!   1-2 and `2·4·Ψ·(N-1)/N` under DDP.
+//! - Gradients are accumulated in f32 and cross ranks in `policy.reduce` (f32 by default; bf16 or
+//!   f16 round each rank's gradient once and halve the reduction's bytes, FSDP's `reduce_dtype`);
+//!   parameters are all-gathered in the compute dtype, so with bf16 compute and f32 reduction one
+//!   step moves `(4 + 2)·Ψ·(N-1)/N` bytes under stages 1-2 and `2·4·Ψ·(N-1)/N` under DDP.
 //! - Gradient accumulation sends nothing before the last micro-batch; until then stage 2 keeps
 //!   a full f32 accumulator per unit (like stage 1). With one micro-batch, stage 2 holds at most
 //!   one unit's full gradient at a time.

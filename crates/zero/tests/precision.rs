@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::HashMap;
 
+use burn::tensor::DType;
 use common::*;
 use kiln_dist::LocalWorld;
 use kiln_precision::{ParamGroup, Policy};
@@ -128,6 +129,68 @@ fn an_inf_on_one_rank_makes_every_rank_skip_the_step() {
                 assert_eq!(*scale, Some(32768.0), "rank {rank}: scale not halved");
             }
             assert!(!second, "rank {rank}: the next step must run");
+        }
+    }
+}
+
+/// FSDP's `reduce_dtype`: gradients that cross ranks in bf16 or f16 train like the f32 reduction
+/// within that dtype's precision under every stage, and the gradient reduction sends half the
+/// bytes (DDP: all of its traffic; stages 1-3 also gather parameters, in f32 here).
+#[test]
+fn gradients_reduced_in_bf16_or_f16_train_like_f32_and_halve_the_reduction_traffic() {
+    let cfg = tiny();
+    let init = params_f32(&LlamaUnits::new(&cfg).model);
+    let world = 2;
+    const MICRO: u64 = 2;
+    let run = |stage: Stage, reduce: DType| {
+        let policy = Policy {
+            reduce,
+            ..Policy::f32()
+        };
+        LocalWorld::run(world, |comm| {
+            let rank = comm.rank();
+            let mut engine =
+                Engine::new(LlamaUnits::new(&cfg), comm, config(stage, policy), |_| true)?;
+            let (mut losses, mut bytes) = (vec![], 0);
+            for step in 0..STEPS {
+                let b = rank_batches(&cfg, step, rank, world, MICRO as usize, policy.compute);
+                let r = engine.step(&b)?;
+                losses.push(r.loss);
+                bytes = r.model_bytes_sent;
+            }
+            Ok::<_, ZeroError>((losses, full_params_f32(&mut engine)?, bytes))
+        })
+        .unwrap()
+        .remove(0)
+    };
+    let ddp_bytes = run(Stage::Ddp, DType::F32).2;
+    for stage in [Stage::Ddp, Stage::One, Stage::Two, Stage::Three] {
+        let (losses, params, bytes) = run(stage, DType::F32);
+        // Tolerances as for bf16 / f16 compute above: 8 and 11 bits of mantissa.
+        for (reduce, update_tol) in [(DType::BF16, 0.1), (DType::F16, 1e-2)] {
+            let (l, p, b) = run(stage, reduce);
+            for (a, r) in l.iter().zip(&losses) {
+                assert!(rel(*a, *r) <= 1e-3, "{stage:?} {reduce:?}: loss {a} vs {r}");
+            }
+            let err = update_error(&init, &p, &params);
+            eprintln!("{stage:?} reduce {reduce:?}: update error {err:.2e}, {b} vs {bytes} bytes");
+            assert!(
+                err <= update_tol,
+                "{stage:?} {reduce:?}: update error {err}"
+            );
+            // Half of the gradient reduction's bytes: DDP's all-reduce moves twice what a
+            // reduce-scatter does, so the saving is a quarter of DDP's f32 traffic per
+            // reduce-scatter (stage 3 reduce-scatters every micro-batch).
+            let saved = bytes - b;
+            let want = match stage {
+                Stage::Ddp => ddp_bytes / 2,
+                Stage::One | Stage::Two => ddp_bytes / 4,
+                Stage::Three => MICRO * ddp_bytes / 4,
+            };
+            assert!(
+                saved.abs_diff(want) <= 64 * world as u64,
+                "{stage:?} {reduce:?}: saved {saved} bytes, expected {want}"
+            );
         }
     }
 }
