@@ -1,6 +1,7 @@
 //! ZeRO stages Two and Three with ranks as processes: under `mpirun -np N`, each process trains its slice of
 //! the global batch over the MPI communicator, then replays the same run with N thread ranks and
-//! checks that its losses and parameters match. Run by `.ci/mpi-zero.sh`.
+//! checks that its losses and parameters match; stage Three also with gradients reduced in bf16.
+//! Run by `.ci/mpi-zero.sh`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -16,10 +17,13 @@ const STEPS: usize = 5;
 
 type RankOut = (Vec<f32>, HashMap<String, Vec<f32>>);
 
-fn train(comm: Communicator, stage: Stage) -> kiln_zero::Result<(RankOut, Communicator)> {
+fn train(
+    comm: Communicator,
+    stage: Stage,
+    policy: Policy,
+) -> kiln_zero::Result<(RankOut, Communicator)> {
     let config = tiny();
     let (rank, world) = (comm.rank(), comm.world_size());
-    let policy = Policy::f32();
     let zc = ZeroConfig {
         stage,
         policy,
@@ -43,10 +47,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let comm = Communicator::mpi()?;
     let (rank, world) = (comm.rank(), comm.world_size());
     let mut comm = comm;
-    for stage in [Stage::Two, Stage::Three] {
-        let ((losses, params), back) = train(comm, stage)?;
+    let bf16_reduce = Policy {
+        reduce: burn::tensor::DType::BF16,
+        ..Policy::f32()
+    };
+    for (stage, policy) in [
+        (Stage::Two, Policy::f32()),
+        (Stage::Three, Policy::f32()),
+        (Stage::Three, bf16_reduce),
+    ] {
+        let ((losses, params), back) = train(comm, stage, policy)?;
         comm = back;
-        let threads = LocalWorld::run(world, |c| train(c, stage).map(|r| r.0))?;
+        let threads = LocalWorld::run(world, |c| train(c, stage, policy).map(|r| r.0))?;
         let (want_losses, want_params) = &threads[rank];
         let mut worst = 0.0f32;
         for (a, b) in losses.iter().zip(want_losses) {
@@ -62,12 +74,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         if worst > 1e-5 {
             return Err(format!(
-                "rank {rank}/{world}: {stage:?}: MPI and thread runs differ by {worst:e}"
+                "rank {rank}/{world}: {stage:?} (reduce {:?}): MPI and thread runs differ by {worst:e}",
+                policy.reduce
             )
             .into());
         }
         println!(
-            "kiln-zero mpi: rank {rank}/{world} stage {stage:?} matches {world} thread ranks (worst relative difference {worst:e}); losses {losses:?}"
+            "kiln-zero mpi: rank {rank}/{world} stage {stage:?} (reduce {:?}) matches {world} thread ranks (worst relative difference {worst:e}); losses {losses:?}",
+            policy.reduce
         );
     }
     Ok(())
