@@ -11,7 +11,7 @@ use burn::tensor::Device;
 use criterion::{Criterion, criterion_group, criterion_main};
 use kiln_dist::LocalWorld;
 use kiln_trainer::config::TrainConfig;
-use kiln_trainer::data::{DataPosition, Dataset, Tokenizer, rank_slice};
+use kiln_trainer::data::{DataPosition, Dataset, Tokenizer, rank_range};
 use kiln_trainer::train::{Resume, batches, build_model, step_dropout, train, zero_config};
 use kiln_trainer::units::{Batch, LlamaUnits};
 use kiln_zero::Engine;
@@ -50,13 +50,11 @@ fn bare(c: &TrainConfig) -> f64 {
                 let rows = dataset
                     .global_batch(&mut pos, c.train.global_batch)
                     .unwrap();
-                let mine = rank_slice(&rows, rank, world).unwrap();
-                let dropout =
-                    step_dropout(lora_dropout, c.train.seed, step, rank * rows.len() / world)
-                        .unwrap();
+                let mine = rank_range(rows.len(), rank, world).unwrap();
+                let dropout = step_dropout(lora_dropout, c.train.seed, step, mine.start).unwrap();
                 batches(
                     &mc,
-                    mine,
+                    &rows[mine],
                     c.train.micro_batch,
                     &device,
                     zc.policy.compute,

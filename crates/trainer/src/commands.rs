@@ -13,7 +13,7 @@ use crate::config::{Task, TokenizerSpec, TrainConfig};
 use crate::data::{Dataset, Tokenizer, collate};
 use crate::train::{
     EvalResult, Resume, TrainSummary, addition_accuracy, checkpoint_config, human,
-    model_from_params, policy_of, tokenizer_for, train,
+    model_from_params, policy_of, state_config, tokenizer_for, train,
 };
 use crate::{Result, TrainerError};
 
@@ -112,20 +112,15 @@ pub fn load_model(
     config: TrainConfig,
     device: &Device,
 ) -> Result<Loaded> {
-    match (checkpoint, pretrained) {
+    let (config, model_config, model) = match (checkpoint, pretrained) {
         (Some(dir), _) => {
-            let (config, _) = checkpoint_config(dir)?;
+            // One read of the manifest: the trainer state, the configs and the parameters.
             let (manifest, params) = kiln_zero::read_full_checkpoint(dir)?;
+            let (config, _) = state_config(&manifest.extra, dir)?;
             let (model_config, lora) = crate::export::checkpoint_configs(&manifest.extra, dir)?;
             let dtype = policy_of(&config.precision).compute;
             let model = model_from_params(&model_config, lora.as_ref(), params, device, dtype)?;
-            let tokenizer = tokenizer_for(&config, &model_config)?;
-            Ok(Loaded {
-                model,
-                model_config,
-                config,
-                tokenizer,
-            })
+            (config, model_config, model)
         }
         (None, Some(dir)) => {
             let mut config = config;
@@ -134,21 +129,23 @@ pub fn load_model(
             if tok.is_file() && config.data.tokenizer == TokenizerSpec::Byte {
                 config.data.tokenizer = TokenizerSpec::File(tok);
             }
-            let model_config = LlamaConfig::from_file(dir.join("config.json"))?;
             let dtype = policy_of(&config.precision).compute;
-            let (_, model) = Llama::from_pretrained(dir, device, dtype)?;
-            let tokenizer = tokenizer_for(&config, &model_config)?;
-            Ok(Loaded {
-                model,
-                model_config,
-                config,
-                tokenizer,
-            })
+            let (model_config, model) = Llama::from_pretrained(dir, device, dtype)?;
+            (config, model_config, model)
         }
-        (None, None) => Err(TrainerError::Argument(
-            "give --checkpoint DIR or --pretrained DIR".into(),
-        )),
-    }
+        (None, None) => {
+            return Err(TrainerError::Argument(
+                "give --checkpoint DIR or --pretrained DIR".into(),
+            ));
+        }
+    };
+    let tokenizer = tokenizer_for(&config, &model_config)?;
+    Ok(Loaded {
+        model,
+        model_config,
+        config,
+        tokenizer,
+    })
 }
 
 /// `kiln eval`: held-out loss and perplexity on one process, and exact-match accuracy for the

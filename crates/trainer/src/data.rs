@@ -901,13 +901,17 @@ fn split_eval(rows: Vec<Example>, eval_examples: usize) -> (Vec<Example>, Vec<Ex
 /// Rank `rank`'s rows of a global batch: `[rank·B/N, (rank+1)·B/N)` for `B` rows and `N` ranks,
 /// so the ranks together cover every row exactly once.
 pub fn rank_slice<T>(rows: &[T], rank: usize, world: usize) -> Result<&[T]> {
+    Ok(&rows[rank_range(rows.len(), rank, world)?])
+}
+
+/// The indices of [`rank_slice`] in a global batch of `rows` rows.
+pub fn rank_range(rows: usize, rank: usize, world: usize) -> Result<std::ops::Range<usize>> {
     if world == 0 || rank >= world {
         return Err(TrainerError::Argument(format!(
             "rank_slice: rank {rank} is not in a world of {world}"
         )));
     }
-    let b = rows.len();
-    Ok(&rows[rank * b / world..(rank + 1) * b / world])
+    Ok(rank * rows / world..(rank + 1) * rows / world)
 }
 
 /// Consecutive micro-batches of `micro` rows (the last one shorter when `micro` does not divide).

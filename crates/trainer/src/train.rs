@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{ComputeDtype, DistBackend, PrecisionConfig, ReduceDtype, TrainConfig};
 use crate::data::{
-    AdditionTask, DataPosition, Dataset, Example, Tokenizer, micro_batches, rank_slice,
+    AdditionTask, DataPosition, Dataset, Example, Tokenizer, micro_batches, rank_range, rank_slice,
 };
 use crate::metrics::{EvalRecord, MetricsWriter, Progress, ProgressStats, TrainRecord};
 use crate::units::{Batch, LlamaUnits};
@@ -202,23 +202,31 @@ pub fn stage_of(stage: u8) -> Result<Stage> {
 /// The LoRA config of the run (PEFT semantics), if LoRA is on: the `[lora]` fields, or the
 /// `adapter_config.json` of the PEFT adapter the run starts from (`lora.adapter`).
 pub fn lora_config(config: &TrainConfig) -> Result<Option<kiln_lora::LoraConfig>> {
-    let l = &config.lora;
-    if !l.enabled && l.adapter.is_none() {
+    if !lora_on(config) {
         return Ok(None);
     }
-    if let Some(dir) = &l.adapter {
-        return Ok(Some(kiln_lora::LoraConfig::from_file(
-            dir.join(kiln_lora::peft::CONFIG_FILE),
-        )?));
-    }
-    Ok(Some(kiln_lora::LoraConfig {
+    Ok(Some(match &config.lora.adapter {
+        Some(dir) => kiln_lora::LoraConfig::from_file(dir.join(kiln_lora::peft::CONFIG_FILE))?,
+        None => fresh_lora_config(config),
+    }))
+}
+
+/// Whether the run trains LoRA adapters (`lora.enabled`, or an adapter to start from).
+fn lora_on(config: &TrainConfig) -> bool {
+    config.lora.enabled || config.lora.adapter.is_some()
+}
+
+/// The adapter the `[lora]` fields describe (a fresh one, without `lora.adapter`).
+fn fresh_lora_config(config: &TrainConfig) -> kiln_lora::LoraConfig {
+    let l = &config.lora;
+    kiln_lora::LoraConfig {
         r: l.r,
         alpha: l.alpha,
         dropout: l.dropout,
         target_modules: TargetModules::Names(l.target_modules.clone()),
         use_rslora: l.use_rslora,
         ..Default::default()
-    }))
+    }
 }
 
 /// The run's tokenizer: `data.tokenizer`, except that a byte-level pretrained model with fewer
@@ -304,18 +312,23 @@ pub fn build_model(
         Some(dir) => Llama::from_pretrained(dir, device, DType::F32)?.1,
         None => Llama::random(model_config, config.train.seed, device, DType::F32)?,
     };
-    let Some(lora) = lora_config(config)? else {
+    if !lora_on(config) {
         return Ok(Built {
             model,
             trainable: |_| true,
             lora: None,
         });
-    };
+    }
     let mut lora_model = LoraModel::new(model);
     match &config.lora.adapter {
         Some(dir) => lora_model.load_adapter("default", dir)?,
-        None => lora_model.add_adapter("default", lora.clone(), config.train.seed ^ 0x4C6F_5241)?,
+        None => {
+            let fresh = fresh_lora_config(config);
+            lora_model.add_adapter("default", fresh, config.train.seed ^ 0x4C6F_5241)?
+        }
     }
+    // The config of the adapter as attached (for a loaded one, its adapter_config.json).
+    let lora = lora_model.config("default")?.clone();
     Ok(Built {
         model: lora_model.into_model(),
         trainable: |p| p.contains(".lora."),
@@ -505,10 +518,16 @@ fn rank_main(
         let lr = crate::schedule::lr_at(step, &config.optim, total);
         engine.set_lr(lr)?;
         let rows = dataset.global_batch(&mut pos, config.train.global_batch)?;
-        let mine = rank_slice(&rows, rank, world)?;
-        let first_row = rank * rows.len() / world;
-        let dropout = step_dropout(lora_dropout, config.train.seed, step, first_row)?;
-        let micro_batches = batches(&model_config, mine, micro, &device, policy.compute, dropout)?;
+        let mine = rank_range(rows.len(), rank, world)?;
+        let dropout = step_dropout(lora_dropout, config.train.seed, step, mine.start)?;
+        let micro_batches = batches(
+            &model_config,
+            &rows[mine],
+            micro,
+            &device,
+            policy.compute,
+            dropout,
+        )?;
         let t = Instant::now();
         let r: StepReport = engine.step(&micro_batches)?;
         step += 1;
@@ -809,8 +828,12 @@ pub fn addition_accuracy(
 
 /// Reads a checkpoint's trainer state: the run's config and where it stopped.
 pub fn checkpoint_config(dir: &Path) -> Result<(TrainConfig, u64)> {
-    let m = kiln_zero::read_manifest(dir)?;
-    let s: TrainerState = serde_json::from_value(m.extra)
+    state_config(&kiln_zero::read_manifest(dir)?.extra, dir)
+}
+
+/// The run's config and step in a checkpoint manifest's `extra` (the trainer state) of `dir`.
+pub fn state_config(extra: &serde_json::Value, dir: &Path) -> Result<(TrainConfig, u64)> {
+    let s = TrainerState::deserialize(extra)
         .map_err(|e| TrainerError::Checkpoint(format!("{}: trainer state: {e}", dir.display())))?;
     Ok((TrainConfig::from_toml_str(&s.config)?, s.step))
 }
