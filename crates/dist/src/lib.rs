@@ -33,6 +33,7 @@ mod env;
 mod error;
 mod local;
 mod shard;
+mod threads;
 pub mod traffic;
 
 #[cfg(feature = "mpi")]
@@ -49,4 +50,5 @@ pub use env::{Launcher, RankEnv};
 pub use error::{DistError, Result};
 pub use local::{DEFAULT_TIMEOUT, LocalWorld};
 pub use shard::{ShardInfo, shard_of, shard_size};
+pub use threads::{THREADS_VAR, threads_per_rank, with_threads};
 pub use traffic::{OpTraffic, Traffic};

@@ -437,7 +437,8 @@ impl LocalWorld {
         LocalWorld::new(world).launch(f)
     }
 
-    /// Runs `f` on every rank, each in its own thread, and joins them.
+    /// Runs `f` on every rank, each in its own thread with its own compute pool (see
+    /// [`threads_per_rank`](crate::threads_per_rank)), and joins them.
     ///
     /// A rank that panics or returns an error makes the others' collectives fail promptly. The
     /// returned error is the root cause: a panic (naming the rank and its message) first, then an
@@ -449,6 +450,7 @@ impl LocalWorld {
         F: Fn(Communicator) -> std::result::Result<T, E> + Sync,
     {
         let comms = self.communicators()?;
+        let threads = crate::threads::threads_per_rank(comms.len())?;
         let f = &f;
         let outcomes: Vec<Outcome<T>> = std::thread::scope(|s| {
             let handles: Vec<_> = comms
@@ -457,7 +459,14 @@ impl LocalWorld {
                 .map(|(rank, comm)| {
                     std::thread::Builder::new()
                         .name(format!("kiln-rank-{rank}"))
-                        .spawn_scoped(s, move || f(comm).map_err(Into::into))
+                        .spawn_scoped(s, move || {
+                            // Each rank computes on its own pool: its share of the cores.
+                            let run = || f(comm).map_err(Into::into);
+                            match crate::threads::with_threads(threads, run) {
+                                Ok(out) => out,
+                                Err(e) => Err(e.into()),
+                            }
+                        })
                 })
                 .collect();
             handles

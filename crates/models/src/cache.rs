@@ -4,28 +4,28 @@ use burn::tensor::Tensor;
 
 use crate::config::LlamaConfig;
 
-/// One block's cached keys and values, `[batch, kv_heads, len, head_dim]` each, rotated and in
-/// the compute dtype, before the kv heads are repeated for grouped-query attention.
+/// One block's cached keys and values, `[batch, len, kv_heads·head_dim]` each (the projections'
+/// layout, as the attention reads them), rotated and in the compute dtype.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
-    keys: Option<Tensor<4>>,
-    values: Option<Tensor<4>>,
+    keys: Option<Tensor<3>>,
+    values: Option<Tensor<3>>,
     len: usize,
     /// Positions to preallocate (0: grow by concatenation).
     capacity: usize,
 }
 
 impl LayerCache {
-    /// Appends `k` and `v` (`[batch, kv_heads, seq, head_dim]`) and returns all cached keys and
+    /// Appends `k` and `v` (`[batch, seq, kv_heads·head_dim]`) and returns all cached keys and
     /// values, the new ones included.
-    pub fn append(&mut self, k: Tensor<4>, v: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let [b, h, s, d] = k.dims();
+    pub fn append(&mut self, k: Tensor<3>, v: Tensor<3>) -> (Tensor<3>, Tensor<3>) {
+        let [b, s, f] = k.dims();
         let end = self.len + s;
         if end > self.capacity {
             // Concatenation; also the fallback, from then on, when a buffer is outgrown.
             self.capacity = 0;
-            let grow = |old: Option<Tensor<4>>, new: Tensor<4>| match old {
-                Some(old) => Tensor::cat(vec![old.narrow(2, 0, self.len), new], 2),
+            let grow = |old: Option<Tensor<3>>, new: Tensor<3>| match old {
+                Some(old) => Tensor::cat(vec![old.narrow(1, 0, self.len), new], 1),
                 None => new,
             };
             let (k, v) = (grow(self.keys.take(), k), grow(self.values.take(), v));
@@ -34,18 +34,18 @@ impl LayerCache {
             self.values = Some(v.clone());
             return (k, v);
         }
-        let alloc = |new: &Tensor<4>| {
-            Tensor::<4>::zeros([b, h, self.capacity, d], (&new.device(), new.dtype()))
+        let alloc = |new: &Tensor<3>| {
+            Tensor::<3>::zeros([b, self.capacity, f], (&new.device(), new.dtype()))
         };
         let keys = self.keys.take().unwrap_or_else(|| alloc(&k));
         let values = self.values.take().unwrap_or_else(|| alloc(&v));
-        let range = [0..b, 0..h, self.len..end, 0..d];
+        let range = [0..b, self.len..end, 0..f];
         let keys = keys.slice_assign(range.clone(), k);
         let values = values.slice_assign(range, v);
         self.len = end;
         self.keys = Some(keys.clone());
         self.values = Some(values.clone());
-        (keys.narrow(2, 0, end), values.narrow(2, 0, end))
+        (keys.narrow(1, 0, end), values.narrow(1, 0, end))
     }
 
     /// The number of cached positions.

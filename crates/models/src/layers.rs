@@ -1,7 +1,6 @@
 //! The three parameterised layers of a Llama, with weights in Hugging Face layout.
 
 use burn::module::{LoraAdapter, Module, Param};
-use burn::tensor::activation::silu;
 use burn::tensor::{DType, Device, Int, Tensor, TensorData};
 
 use crate::error::{ModelError, Result};
@@ -55,9 +54,9 @@ impl Linear {
         dropout: Option<&AdapterDropout>,
     ) -> Tensor<D> {
         match self.adapter() {
-            None => x.matmul(self.weight.val().transpose().unsqueeze()),
+            None => kiln_kernels::linear(x, self.weight.val()),
             Some(lora) => {
-                let base = x.clone().matmul(self.weight.base().transpose().unsqueeze());
+                let base = kiln_kernels::linear(x.clone(), self.weight.base());
                 // `drop(x) = x · m / (1 - p)`: the 0/1 mask is exact in any dtype, and the
                 // `1 / (1 - p)` joins the scaling on the rank-r product (no rounded bf16 scale).
                 let (x, keep) = match dropout {
@@ -112,15 +111,8 @@ impl Linear {
 /// `factor · scaling · x Aᵀ Bᵀ`: down to rank r, then up (PEFT's `lora_B(lora_A(x)) * scaling`),
 /// in the input's dtype.
 fn low_rank<const D: usize>(x: Tensor<D>, lora: &LoraAdapter, factor: f64) -> Tensor<D> {
-    let dtype = x.dtype();
-    let transposed = |p: &Param<Tensor<2>>| {
-        let t = p.val();
-        let t = if t.dtype() != dtype { t.cast(dtype) } else { t };
-        t.transpose().unsqueeze::<D>()
-    };
-    x.matmul(transposed(&lora.b))
-        .matmul(transposed(&lora.a))
-        .mul_scalar(lora.scale * factor)
+    let down = kiln_kernels::linear(x, lora.b.val());
+    kiln_kernels::linear(down, lora.a.val()).mul_scalar(lora.scale * factor)
 }
 
 /// PEFT's `lora_dropout` for one training forward: an adapter reads its layer's input through
@@ -220,11 +212,7 @@ impl RmsNorm {
     /// # Shapes
     /// `x: [batch, seq, hidden]` -> same
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let dtype = x.dtype();
-        let x = x.cast(DType::F32);
-        let rms = (x.clone().square().mean_dim(2) + self.eps).sqrt();
-        let normed = (x / rms).cast(dtype);
-        normed * self.weight.val().unsqueeze()
+        kiln_kernels::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
@@ -250,7 +238,7 @@ impl Embedding {
     /// # Shapes
     /// `ids: [batch, seq]` -> `[batch, seq, hidden]`
     pub fn forward(&self, ids: Tensor<2, Int>) -> Tensor<3> {
-        burn::tensor::module::embedding(self.weight.val(), ids)
+        kiln_kernels::embedding(self.weight.val(), ids)
     }
 }
 
@@ -279,8 +267,11 @@ impl Mlp {
             true => l.forward_few_rows(x),
             false => l.forward_with(x, dropout),
         };
-        let gate = silu(linear(&self.gate_proj, x.clone()));
-        linear(&self.down_proj, gate * linear(&self.up_proj, x))
+        let gate = linear(&self.gate_proj, x.clone());
+        linear(
+            &self.down_proj,
+            kiln_kernels::swiglu(gate, linear(&self.up_proj, x)),
+        )
     }
 }
 

@@ -2,7 +2,6 @@
 //! module path of every parameter is its key in `model.safetensors`.
 
 use burn::module::Module;
-use burn::tensor::activation::softmax;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::cache::{KvCache, LayerCache};
@@ -44,46 +43,42 @@ impl Attention {
         ctx: &Context,
         cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
-        let [b, s, _] = x.dims();
         let few_rows = cache.is_some();
         let dropout = ctx.adapter_dropout.as_ref();
         let linear = |l: &Linear, x: Tensor<3>| match few_rows {
             true => l.forward_few_rows(x),
             false => l.forward_with(x, dropout),
         };
-        let heads = |t: Tensor<3>, n: usize| t.reshape([b, s, n, self.head_dim]).swap_dims(1, 2);
-        let q = ctx.rotate(heads(linear(&self.q_proj, x.clone()), self.num_heads));
-        let k = ctx.rotate(heads(linear(&self.k_proj, x.clone()), self.num_kv_heads));
-        let v = heads(linear(&self.v_proj, x), self.num_kv_heads);
+        let q = kiln_kernels::rope(
+            linear(&self.q_proj, x.clone()),
+            ctx.cos.clone(),
+            ctx.sin.clone(),
+            self.num_heads,
+        );
+        let k = kiln_kernels::rope(
+            linear(&self.k_proj, x.clone()),
+            ctx.cos.clone(),
+            ctx.sin.clone(),
+            self.num_kv_heads,
+        );
+        let v = linear(&self.v_proj, x);
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v),
             None => (k, v),
         };
-        let (k, v) = (self.repeat_kv(k), self.repeat_kv(v));
-
         // Scores and softmax in f32, as HF's eager attention; masked scores get f32::MIN, so a row
         // with every key masked (left padding) is uniform instead of NaN.
-        let dtype = q.dtype();
         let scale = (self.head_dim as f64).powf(-0.5);
-        let scores = (q.matmul(k.swap_dims(2, 3)) * scale).cast(DType::F32);
-        let probs = softmax(scores.mask_fill(ctx.mask.clone(), f32::MIN), 3).cast(dtype);
-        let out = probs
-            .matmul(v)
-            .swap_dims(1, 2)
-            .reshape([b, s, self.num_heads * self.head_dim]);
+        let out = kiln_kernels::attention(
+            q,
+            k,
+            v,
+            ctx.mask.clone(),
+            self.num_heads,
+            self.num_kv_heads,
+            scale,
+        );
         linear(&self.o_proj, out)
-    }
-
-    /// Query head `j` reads kv head `j / (num_heads / num_kv_heads)`.
-    fn repeat_kv(&self, t: Tensor<4>) -> Tensor<4> {
-        let groups = self.num_heads / self.num_kv_heads;
-        if groups == 1 {
-            return t;
-        }
-        let [b, h, s, d] = t.dims();
-        t.unsqueeze_dim::<5>(2)
-            .expand([b, h, groups, s, d])
-            .reshape([b, h * groups, s, d])
     }
 }
 
@@ -262,18 +257,6 @@ impl Context {
             adapter_dropout: Some(dropout),
             ..self
         }
-    }
-
-    /// Rotate-half RoPE: pairs `i` and `i + head_dim/2`.
-    /// # Shapes
-    /// `x: [batch, heads, seq, head_dim]` -> same
-    fn rotate(&self, x: Tensor<4>) -> Tensor<4> {
-        let [_, _, _, d] = x.dims();
-        let half = d / 2;
-        let x1 = x.clone().narrow(3, 0, half);
-        let x2 = x.clone().narrow(3, half, half);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * self.cos.clone().unsqueeze() + rotated * self.sin.clone().unsqueeze()
     }
 }
 
@@ -456,7 +439,7 @@ impl Llama {
         match &self.lm_head {
             Some(lm_head) if few_rows => lm_head.forward_few_rows(h),
             Some(lm_head) => lm_head.forward_with(h, dropout),
-            None => h.matmul(self.model.embed_tokens.weight.val().transpose().unsqueeze()),
+            None => kiln_kernels::linear(h, self.model.embed_tokens.weight.val()),
         }
     }
 

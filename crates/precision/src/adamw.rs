@@ -10,6 +10,8 @@
 
 use std::ops::Range;
 
+use rayon::prelude::*;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{PrecisionError, Result, check_len};
@@ -158,13 +160,15 @@ impl AdamW {
             }
             let coeffs = Coeffs::new(c, group, t);
             let r = range.clone();
-            adamw_kernel(
-                &mut params[r.clone()],
-                &grads[r.clone()],
-                &mut self.state.exp_avg[r.clone()],
-                &mut self.state.exp_avg_sq[r],
-                &coeffs,
-            );
+            // Elementwise, so splitting over the rank's compute threads changes nothing in the
+            // result.
+            const CHUNK: usize = 1 << 15;
+            params[r.clone()]
+                .par_chunks_mut(CHUNK)
+                .zip(grads[r.clone()].par_chunks(CHUNK))
+                .zip(self.state.exp_avg[r.clone()].par_chunks_mut(CHUNK))
+                .zip(self.state.exp_avg_sq[r].par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| adamw_kernel(p, g, m, v, &coeffs));
         }
         Ok(())
     }

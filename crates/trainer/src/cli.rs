@@ -151,6 +151,9 @@ pub struct EstimateArgs {
     /// Sequence length, for the activation memory (with `--batch`).
     #[arg(long, value_name = "S", requires = "batch")]
     pub seq: Option<usize>,
+    /// Bytes per activation element: 2 (bf16, f16; the default) or 4 (f32).
+    #[arg(long, value_name = "BYTES", default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=4))]
+    pub activation_bytes: u8,
 }
 
 /// `kiln export`.

@@ -291,10 +291,11 @@ pub fn run_estimate(args: &EstimateArgs) -> Result<String> {
             kv_heads: c.num_key_value_heads,
             layers: c.num_hidden_layers,
             vocab: c.vocab_size,
-            bytes: 2,
+            bytes: usize::from(args.activation_bytes),
         };
         out += &format!(
-            "activations per rank (bf16, micro-batch {batch} x {seq}): {:.2} GB kept for backward, {:.2} GB with per-unit recompute (the engine's default)\n",
+            "activations per rank ({} bytes per element, micro-batch {batch} x {seq}): {:.3} GB kept for backward (stages 0-2 default), {:.3} GB with per-unit recompute (stage 3 default)\n",
+            args.activation_bytes,
             activation_bytes(&shape, false) / 1e9,
             activation_bytes(&shape, true) / 1e9
         );

@@ -187,11 +187,18 @@ pub struct PrecisionConfig {
 pub struct ZeroConfig {
     /// 0, 1, 2 or 3 (default 3).
     pub stage: u8,
+    /// Activation recompute: re-run each unit's forward in its backward instead of keeping its
+    /// activations (a third more FLOPs, far less memory). Unset: on at stage 3 only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recompute: Option<bool>,
 }
 
 impl Default for ZeroConfig {
     fn default() -> Self {
-        Self { stage: 3 }
+        Self {
+            stage: 3,
+            recompute: None,
+        }
     }
 }
 

@@ -131,7 +131,8 @@ pub fn train(config: &TrainConfig, resume: &Resume) -> Result<TrainSummary> {
             #[cfg(feature = "mpi")]
             {
                 let comm = Communicator::mpi()?;
-                rank_main(comm, config, resume, "mpi")
+                let threads = kiln_dist::threads_per_rank(1)?;
+                kiln_dist::with_threads(threads, || rank_main(comm, config, resume, "mpi"))?
             }
             #[cfg(not(feature = "mpi"))]
             Err(TrainerError::invalid(
@@ -369,17 +370,29 @@ pub fn batches(
     micro_batches(rows, micro)?
         .into_iter()
         .map(|rows| {
-            let ids = rows.iter().flat_map(|r| r.ids.iter().copied()).collect();
-            let labels = rows.iter().flat_map(|r| r.labels.iter().copied()).collect();
-            let seq = rows.first().map_or(1, |r| r.ids.len());
-            let mut batch = Batch::new(model_config, ids, labels, seq, device, dtype)?;
-            if let Some(d) = dropout {
-                batch.ctx = batch.ctx.with_adapter_dropout(d);
-                dropout = Some(d.skip_rows(rows.len() as u64));
-            }
-            Ok(batch)
+            let batch = batch_of(model_config, rows, device, dtype, dropout);
+            dropout = dropout.map(|d| d.skip_rows(rows.len() as u64));
+            batch
         })
         .collect()
+}
+
+/// One micro-batch of `rows` (equal lengths), with adapter dropout from its first row on.
+pub fn batch_of(
+    model_config: &LlamaConfig,
+    rows: &[Example],
+    device: &Device,
+    dtype: DType,
+    dropout: Option<AdapterDropout>,
+) -> Result<Batch> {
+    let ids = rows.iter().flat_map(|r| r.ids.iter().copied()).collect();
+    let labels = rows.iter().flat_map(|r| r.labels.iter().copied()).collect();
+    let seq = rows.first().map_or(1, |r| r.ids.len());
+    let mut batch = Batch::new(model_config, ids, labels, seq, device, dtype)?;
+    if let Some(d) = dropout {
+        batch.ctx = batch.ctx.with_adapter_dropout(d);
+    }
+    Ok(batch)
 }
 
 /// The engine's configuration of a run: stage, precision policy, AdamW, clipping.
@@ -398,6 +411,7 @@ pub fn zero_config(config: &TrainConfig) -> Result<kiln_zero::ZeroConfig> {
             weight_decay: o.weight_decay,
         },
         max_grad_norm: o.max_grad_norm,
+        recompute: config.zero.recompute,
     })
 }
 
@@ -703,12 +717,11 @@ fn evaluate(
     let policy = policy_of(&config.precision);
     let rows = rank_slice(dataset.eval(), rank, world)?;
     let micro = config.train.micro_batch.max(1);
-    let local = if rows.is_empty() {
-        vec![]
-    } else {
-        batches(model_config, rows, micro, device, policy.compute, None)?
-    };
-    let (sum, tokens) = engine.evaluate(&local)?;
+    let chunks = micro_batches(rows, micro)?;
+    let (sum, tokens) = engine.evaluate(chunks.len(), |i| {
+        batch_of(model_config, chunks[i], device, policy.compute, None)
+            .map_err(|e| kiln_zero::ZeroError::Model(e.to_string()))
+    })?;
     let loss = (sum / tokens.max(1) as f64) as f32;
     // Generation needs the whole model on one rank: every rank joins the gather (a collective;
     // the task is the same on all of them), rank 0 generates. Tasks without it gather nothing.

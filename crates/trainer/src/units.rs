@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use burn::module::Module;
 use burn::tensor::{DType, Device, Gradients, Int, Tensor, TensorData};
 use kiln_models::{Context, IGNORE_INDEX, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, unit_of};
 use kiln_zero::{Units, load_params, named_grads, named_params_where, release_params};
@@ -116,5 +117,11 @@ impl Units for LlamaUnits {
         grads: &Gradients,
     ) -> kiln_zero::Result<Vec<(String, TensorData)>> {
         named_grads(&self.model, grads)
+    }
+
+    fn detached(&self) -> Self {
+        Self {
+            model: self.model.valid(),
+        }
     }
 }

@@ -50,6 +50,20 @@ pub struct ZeroConfig {
     pub group: ParamGroup,
     /// Clip gradients to this global L2 norm (after unscaling), torch's `clip_grad_norm_`.
     pub max_grad_norm: Option<f32>,
+    /// Activation recompute: keep only each unit's input during the forward and re-run the unit
+    /// in its backward (a third more FLOPs for a fraction of the activation memory). `None`: the
+    /// stage's default, on at stage 3 only. Without recompute each unit keeps its autodiff graph
+    /// from the forward to its backward, as torch does; at stage 3 that graph holds the unit's
+    /// gathered parameters, so they stay gathered until the unit's backward instead of being
+    /// gathered twice.
+    pub recompute: Option<bool>,
+}
+
+impl ZeroConfig {
+    /// Whether activations are recomputed (see [`ZeroConfig::recompute`]).
+    pub fn recomputes(&self) -> bool {
+        self.recompute.unwrap_or(self.stage == Stage::Three)
+    }
 }
 
 impl Default for ZeroConfig {
@@ -60,6 +74,7 @@ impl Default for ZeroConfig {
             adamw: AdamWConfig::default(),
             group: ParamGroup::default(),
             max_grad_norm: None,
+            recompute: None,
         }
     }
 }
@@ -336,29 +351,43 @@ impl<U: Units> Engine<U> {
         Ok(out)
     }
 
-    /// Loss sum and token count of `batches` over all ranks, forward only (stage 3 gathers and
-    /// releases unit by unit as in training). A collective: every rank must call it.
-    pub fn evaluate(&mut self, batches: &[U::Batch]) -> Result<(f64, u64)> {
+    /// Loss sum and token count of `count` batches over all ranks, forward only, without
+    /// gradient tracking; `batch(i)` makes this rank's batch `i` when it is needed, so only one
+    /// batch and one unit's activations live at a time. A collective: every rank must call it,
+    /// with its own `count` (ranks may hold different numbers of batches: a rank that has run out
+    /// still joins the gathers of the others under stage 3).
+    pub fn evaluate(
+        &mut self,
+        count: usize,
+        mut batch: impl FnMut(usize) -> Result<U::Batch>,
+    ) -> Result<(f64, u64)> {
         let n = self.units.num_units();
-        let mut local = [0.0f64, 0.0];
-        for batch in batches {
-            self.fetch(0)?;
-            let mut h = self.units.forward(0, None, batch).detach();
-            self.release(0)?;
-            for u in 1..n - 1 {
+        let mut most = [count as i64];
+        self.comm.all_reduce(&mut most, ReduceOp::Max)?;
+        let (mut loss_sum, mut tokens) = (0.0f64, 0i64);
+        for i in 0..most[0] as usize {
+            let batch = if i < count { Some(batch(i)?) } else { None };
+            let mut h = None;
+            for u in 0..n {
                 self.fetch(u)?;
-                h = self.units.forward(u, Some(h), batch).detach();
+                if let Some(b) = &batch {
+                    let model = self.units.detached();
+                    if u == n - 1 {
+                        let input = h.take().expect("the loss unit follows a hidden state");
+                        loss_sum += f64::from(scalar(model.loss_sum(input, b))?);
+                        tokens += model.tokens(b) as i64;
+                    } else {
+                        h = Some(model.forward(u, h.take(), b));
+                    }
+                }
                 self.release(u)?;
             }
-            self.fetch(n - 1)?;
-            let loss = scalar(self.units.loss_sum(h, batch))?;
-            self.release(n - 1)?;
-            local[0] += f64::from(loss);
-            local[1] += self.units.tokens(batch) as f64;
         }
-        let mut sums = [local[0] as f32, local[1] as f32];
-        self.comm.all_reduce(&mut sums, ReduceOp::Sum)?;
-        Ok((f64::from(sums[0]), sums[1] as u64))
+        let mut sum = [loss_sum as f32];
+        let mut count = [tokens];
+        self.comm.all_reduce(&mut sum, ReduceOp::Sum)?;
+        self.comm.all_reduce(&mut count, ReduceOp::Sum)?;
+        Ok((f64::from(sum[0]), count[0] as u64))
     }
 
     fn shard_grad_bytes(&self) -> u64 {
@@ -422,21 +451,36 @@ impl<U: Units> Engine<U> {
         })
     }
 
-    /// Forward unit by unit keeping only the detached input of each unit, then backward in
-    /// reverse, recomputing each unit and feeding it its upstream gradient. Under stage 3 each
-    /// unit is gathered before it runs and released right after, in both passes (the loss unit
-    /// is gathered once for its forward and backward). Returns the local loss sum.
+    /// Forward unit by unit, then backward in reverse, feeding each unit its upstream gradient.
+    ///
+    /// Without recompute a unit keeps its autodiff graph from its forward to its backward (its
+    /// parameters stay gathered in between under stage 3); with recompute only each unit's
+    /// detached input is kept and the unit is gathered and run again for its backward. Under
+    /// stage 3 the loss unit is gathered once for its forward and backward. Returns the local
+    /// loss sum.
     fn forward_backward(&mut self, batch: &U::Batch, factor: f32, last: bool) -> Result<f32> {
         let n = self.units.num_units();
-        let mut inputs = Vec::with_capacity(n - 2);
+        let recompute = self.config.recomputes();
+        // Per middle unit: its input (a leaf), and without recompute its output's graph.
+        let mut kept: Vec<(Tensor<3>, Option<Tensor<3>>)> = Vec::with_capacity(n - 2);
         self.fetch(0)?;
-        let mut h = self.units.forward(0, None, batch).detach();
-        self.release(0)?;
+        let out = self.units.forward(0, None, batch);
+        let mut h = out.clone().detach();
+        let mut first = (!recompute).then_some(out);
+        if recompute {
+            self.release(0)?;
+        }
         for u in 1..n - 1 {
-            inputs.push(h.clone());
+            let input = h.require_grad();
             self.fetch(u)?;
-            h = self.units.forward(u, Some(h), batch).detach();
-            self.release(u)?;
+            let out = self.units.forward(u, Some(input.clone()), batch);
+            h = out.clone().detach();
+            if recompute {
+                kept.push((input.detach(), None));
+                self.release(u)?;
+            } else {
+                kept.push((input, Some(out)));
+            }
         }
         let h_in = h.require_grad();
         self.fetch(n - 1)?;
@@ -451,23 +495,31 @@ impl<U: Units> Engine<U> {
         for u in (0..n - 1).rev() {
             if u == 0 && self.state[0].layout.flat.entries().is_empty() {
                 // A frozen first unit (the embedding under LoRA) needs no backward at all.
+                drop(first.take());
+                if !recompute {
+                    self.release(0)?;
+                }
                 self.unit_done(0, Vec::new(), last)?;
                 break;
             }
-            self.fetch(u)?;
-            let grads = if u == 0 {
-                let out = self.units.forward(0, None, batch);
-                (out * upstream.clone()).sum().backward()
-            } else {
-                let input = inputs
-                    .pop()
-                    .expect("one input per middle unit")
-                    .require_grad();
-                let out = self.units.forward(u, Some(input.clone()), batch);
-                let grads = (out * upstream.clone()).sum().backward();
-                upstream = input_grad(&input, &grads, u)?;
-                grads
+            let (input, out) = match u {
+                0 => (None, first.take()),
+                _ => {
+                    let (input, out) = kept.pop().expect("one kept input per middle unit");
+                    (Some(input.require_grad()), out)
+                }
             };
+            let out = match out {
+                Some(out) => out,
+                None => {
+                    self.fetch(u)?;
+                    self.units.forward(u, input.clone(), batch)
+                }
+            };
+            let grads = (out * upstream.clone()).sum().backward();
+            if let Some(input) = &input {
+                upstream = input_grad(input, &grads, u)?;
+            }
             let unit_grads = self.units.unit_grads(u, &grads)?;
             drop(grads);
             self.release(u)?;
@@ -593,8 +645,7 @@ impl<U: Units> Engine<U> {
             let local: f64 = self
                 .state
                 .iter()
-                .flat_map(|s| s.master.grads())
-                .map(|&g| f64::from(g) * f64::from(g))
+                .map(|s| sum_of_squares(s.master.grads()))
                 .sum();
             let mut sq = [local as f32];
             if self.config.stage.shards_optimizer() {
@@ -648,6 +699,30 @@ impl<U: Units> Engine<U> {
         }
         Ok(())
     }
+}
+
+/// `Σ x²` in f64, over fixed blocks on the rank's compute threads, added in block order (the
+/// result does not depend on the number of threads).
+fn sum_of_squares(xs: &[f32]) -> f64 {
+    use rayon::prelude::*;
+    let blocks: Vec<f64> = xs
+        .par_chunks(1 << 16)
+        .map(|block| {
+            let mut acc = [0.0f64; 8];
+            let lanes = block.chunks_exact(8);
+            let rest = lanes.remainder();
+            for c in lanes {
+                for i in 0..8 {
+                    acc[i] += f64::from(c[i]) * f64::from(c[i]);
+                }
+            }
+            for (i, &x) in rest.iter().enumerate() {
+                acc[i] += f64::from(x) * f64::from(x);
+            }
+            acc.iter().sum::<f64>()
+        })
+        .collect();
+    blocks.iter().sum()
 }
 
 /// All-gathers a unit's master shard in the compute dtype and cuts it into parameters.

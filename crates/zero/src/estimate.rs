@@ -121,13 +121,16 @@ pub struct ActivationShape {
 }
 
 /// Bytes of activations a Llama-style decoder keeps for backward, counted tensor by tensor from
-/// what its forward saves (t = batch·seq tokens, d = head dim, e = bytes per element):
+/// what kiln's fused kernels save (t = batch·seq tokens, e = bytes per element of the compute
+/// dtype, kv = kv_heads·head_dim):
 ///
-/// - per layer, in the compute dtype: the two RMSNorm inputs (2·t·h), the normed input of the q/k/v
-///   and gate/up projections (2·t·h), the rotated q and k and the v heads (t·(h + 2·kv·d)), the
-///   o_proj input (t·h), the MLP's gate, up, silu(gate) and product (4·t·i); plus the attention
-///   probabilities b·a·s², kept once in the compute dtype and once in f32 for the softmax;
-/// - the head: the final norm's input (t·h), the logits (t·V·e) and their f32 log-softmax (t·V·4).
+/// - per layer: the two RMSNorm inputs (2·t·h·e) and their row scales (2·t·4 bytes); the inputs
+///   of the q/k/v, o and gate/up projections (3·t·h·e) and of the down projection (t·i·e); the
+///   rotated q, k and the v that attention keeps (t·(h + 2·kv)·e) with each query row's softmax
+///   max and sum (t·heads·8 bytes, no `seq²` probabilities); SwiGLU's gate and up (2·t·i·e);
+/// - the head: the final norm's input and scales (t·h·e + 4t), the head's input (t·h·e), the
+///   logits and, during the backward, their gradient (2·t·V·e), each row's log-sum-exp (4t);
+/// - the attention mask, once (b·s² bytes).
 ///
 /// With `recompute` (one unit re-run during backward), only each block's input is kept, plus one
 /// block's full set at a time.
@@ -135,15 +138,15 @@ pub fn activation_bytes(s: &ActivationShape, recompute: bool) -> f64 {
     let t = (s.batch * s.seq) as f64;
     let (h, i, e) = (s.hidden as f64, s.intermediate as f64, s.bytes as f64);
     let kv = (s.kv_heads * (s.hidden / s.heads.max(1))) as f64;
-    let probs = (s.batch * s.heads * s.seq * s.seq) as f64 * (e + 4.0);
-    let layer = t * (6.0 * h + 2.0 * kv + 4.0 * i) * e + probs;
-    let head = t * h * e + t * s.vocab as f64 * (e + 4.0);
+    let layer = t * (6.0 * h + 2.0 * kv + 3.0 * i) * e + t * 8.0 * (1.0 + s.heads as f64);
+    let head = 2.0 * t * h * e + 8.0 * t + 2.0 * t * s.vocab as f64 * e;
+    let mask = (s.batch * s.seq * s.seq) as f64;
     let blocks = if recompute {
         s.layers as f64 * t * h * e + layer
     } else {
         s.layers as f64 * layer
     };
-    blocks + head
+    blocks + head + mask
 }
 
 #[cfg(test)]
@@ -179,11 +182,12 @@ mod tests {
             vocab: 10,
             bytes: 2,
         };
-        // t = 2, kv·d = 2: layer = 2·(24 + 4 + 32)·2 + 1·2·2·2·6 = 240 + 48; head = 16 + 2·10·6.
-        let layer = 240.0 + 48.0;
-        let head = 16.0 + 120.0;
-        assert_eq!(activation_bytes(&s, false), 3.0 * layer + head);
-        assert_eq!(activation_bytes(&s, true), 3.0 * 16.0 + layer + head);
+        // t = 2, kv = 2: layer = 2·(24 + 4 + 24)·2 + 2·8·3 = 208 + 48; head = 2·2·4·2 + 16 +
+        // 2·2·10·2 = 32 + 16 + 80; mask = 4.
+        let layer = 208.0 + 48.0;
+        let head = 128.0;
+        assert_eq!(activation_bytes(&s, false), 3.0 * layer + head + 4.0);
+        assert_eq!(activation_bytes(&s, true), 3.0 * 16.0 + layer + head + 4.0);
         assert!(activation_bytes(&s, true) < activation_bytes(&s, false));
     }
 }

@@ -49,6 +49,12 @@ pub trait Units {
 
     /// Gradients of `unit`'s parameters present in `grads`, by path (compute dtype).
     fn unit_grads(&self, unit: usize, grads: &Gradients) -> Result<Vec<(String, TensorData)>>;
+
+    /// The model as it is now, without gradient tracking (burn's `Module::valid`): forward-only
+    /// passes (evaluation) through it record no autodiff graph.
+    fn detached(&self) -> Self
+    where
+        Self: Sized;
 }
 
 /// Every float parameter of `module`, by path, with its values (a helper for [`Units`] adapters).

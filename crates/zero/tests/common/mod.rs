@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use burn::module::Module;
 use burn::tensor::{DType, Device, Gradients, Int, Tensor, TensorData};
 use kiln_models::{
     AdapterDropout, Context, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, unit_of,
@@ -179,6 +180,13 @@ impl Units for LlamaUnits {
             *d = TensorData::new(v, d.shape().to_vec()).convert_dtype(d.dtype());
         }
         Ok(g)
+    }
+
+    fn detached(&self) -> Self {
+        Self {
+            model: self.model.valid(),
+            poison: self.poison,
+        }
     }
 }
 

@@ -1,0 +1,405 @@
+//! The CPU kernels behind [`KernelOps`](crate::KernelOps) on flex: shapes and dtypes are read
+//! from the flex tensors here, the loops live in one file per operation.
+
+pub(crate) mod attention;
+pub(crate) mod cross_entropy;
+pub(crate) mod elem;
+pub(crate) mod matmul;
+pub(crate) mod norm;
+pub(crate) mod parallel;
+pub(crate) mod rope;
+pub(crate) mod small;
+pub(crate) mod swiglu;
+pub(crate) mod tensor;
+
+use burn::backend::flex::FlexTensor;
+use burn::tensor::DType;
+
+use elem::Elem;
+use matmul::{Mat, matmul_blocks};
+use tensor::{contiguous, dims, floats, ints, slice, tensor, with_elem};
+
+/// A 2-D view of a flex matrix (any non-negative strides) for [`matmul`].
+fn mat<E: Elem>(t: &FlexTensor) -> (FlexTensor, usize, usize, usize, usize) {
+    let layout = t.layout();
+    let shape = layout.shape();
+    let (rows, cols) = (shape[0], shape[1]);
+    let strides = layout.strides();
+    if strides.iter().all(|&s| s >= 0) {
+        (
+            t.clone(),
+            rows,
+            cols,
+            strides[0] as usize,
+            strides[1] as usize,
+        )
+    } else {
+        (contiguous(t.clone()), rows, cols, cols, 1)
+    }
+}
+
+fn view<'a, E: Elem>(
+    t: &'a FlexTensor,
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+) -> Mat<'a, E> {
+    let offset = t.layout().start_offset();
+    Mat {
+        data: &t.storage::<E>()[offset..],
+        rows,
+        cols,
+        rs,
+        cs,
+    }
+}
+
+/// `x[m, k] · w[n, k]ᵀ` → `[m, n]`, by blocks of `block` rows (see [`matmul_blocks`]).
+pub(crate) fn linear(x: FlexTensor, w: FlexTensor, block: usize) -> FlexTensor {
+    let x = contiguous(x);
+    let [m, k] = two(&x);
+    let (w, n, wk, rs, cs) = mat_of(&w);
+    assert_eq!(k, wk, "linear: input has {k} features, the weight {wk}");
+    with_elem!(x.dtype(), E => {
+        let out = tensor::filled::<E>(m * n, |out| {
+            matmul_blocks(Mat::rows(slice::<E>(&x), m, k), view::<E>(&w, n, k, rs, cs).t(), out, block)
+        });
+        tensor([m, n], out)
+    })
+}
+
+/// The input gradient of [`linear`]: `dy[m, n] · w[n, k]` → `[m, k]`, by blocks of rows as
+/// the forward.
+pub(crate) fn linear_input_grad(dy: FlexTensor, w: FlexTensor, block: usize) -> FlexTensor {
+    let dy = contiguous(dy);
+    let [m, n] = two(&dy);
+    let (w, wn, k, rs, cs) = mat_of(&w);
+    assert_eq!(n, wn, "linear backward: shapes");
+    with_elem!(dy.dtype(), E => {
+        let out = tensor::filled::<E>(m * k, |out| {
+            matmul_blocks(Mat::rows(slice::<E>(&dy), m, n), view::<E>(&w, n, k, rs, cs), out, block)
+        });
+        tensor([m, k], out)
+    })
+}
+
+/// The weight gradient of [`linear`]: `dy[m, n]ᵀ · x[m, k]` → `[n, k]` in f32 whatever the
+/// compute dtype (as torch autocast gives f32 gradients for f32 master weights: rounding each
+/// rank's or micro-batch's partial gradient to bf16 before they are summed would cost more
+/// precision than the whole product), summed over blocks of `block` rows (a batch row's
+/// positions) added one after the other. Splitting a batch into micro-batches or ranks along its
+/// rows then only changes how the block sums associate, not the sums themselves.
+pub(crate) fn linear_weight_grad(dy: FlexTensor, x: FlexTensor, block: usize) -> FlexTensor {
+    let (dy, x) = (contiguous(dy), contiguous(x));
+    let ([m, n], [_, k]) = (two(&dy), two(&x));
+    let block = block.clamp(1, m.max(1));
+    with_elem!(dy.dtype(), E => {
+        let (dy, x) = (Mat::rows(slice::<E>(&dy), m, n).t(), Mat::rows(slice::<E>(&x), m, k));
+        let mut acc = vec![0.0f32; n * k];
+        for start in (0..m).step_by(block) {
+            let rows = block.min(m - start);
+            let dy_blk = Mat { data: &dy.data[start * n..], cols: rows, ..dy };
+            matmul::matmul_f32(dy_blk, x.row_range(start, rows), &mut acc, k, start > 0);
+        }
+        tensor([n, k], acc)
+    })
+}
+
+fn two(t: &FlexTensor) -> [usize; 2] {
+    let d = dims(t);
+    assert_eq!(
+        d.len(),
+        2,
+        "kiln-kernels: expected a matrix, got dims {d:?}"
+    );
+    [d[0], d[1]]
+}
+
+fn mat_of(t: &FlexTensor) -> (FlexTensor, usize, usize, usize, usize) {
+    two(t);
+    with_elem!(t.dtype(), E => mat::<E>(t))
+}
+
+/// RMSNorm of the rows of `x[m, h]` with gain `w[h]`: the output and each row's `1/rms`.
+pub(crate) fn rms_norm(x: FlexTensor, w: FlexTensor, eps: f64) -> (FlexTensor, FlexTensor) {
+    let x = contiguous(x);
+    let [m, h] = two(&x);
+    let w = floats(&w);
+    assert_eq!(
+        w.len(),
+        h,
+        "rms_norm: gain has {} values, rows {h}",
+        w.len()
+    );
+    with_elem!(x.dtype(), E => {
+        let (y, r) = norm::forward::<E>(slice::<E>(&x), &w, eps as f32);
+        (tensor([m, h], y), tensor([m], r))
+    })
+}
+
+/// The gradients of [`rms_norm`]: input (in its dtype), and gain (f32, as [`linear_weight_grad`])
+/// when `need_dw`.
+pub(crate) fn rms_norm_backward(
+    x: FlexTensor,
+    w: FlexTensor,
+    r: FlexTensor,
+    dy: FlexTensor,
+    need_dw: bool,
+    block: usize,
+) -> (FlexTensor, Option<FlexTensor>) {
+    let (x, dy) = (contiguous(x), contiguous(dy));
+    let [m, h] = two(&x);
+    let wf = floats(&w);
+    let r = floats(&r);
+    with_elem!(x.dtype(), E => {
+        let (dx, dw) = norm::backward::<E>(slice::<E>(&x), &wf, &r, slice::<E>(&dy), need_dw, block);
+        (tensor([m, h], dx), dw.map(|dw| tensor([h], dw)))
+    })
+}
+
+/// `silu(gate) · up`, any shape (both the same).
+pub(crate) fn swiglu(gate: FlexTensor, up: FlexTensor) -> FlexTensor {
+    let (g, u) = (contiguous(gate), contiguous(up));
+    let shape = dims(&g);
+    assert_eq!(shape, dims(&u), "swiglu: gate and up differ in shape");
+    with_elem!(g.dtype(), E => tensor(shape, swiglu::forward::<E>(slice::<E>(&g), slice::<E>(&u))))
+}
+
+/// The gradients of [`swiglu`]: `(dgate, dup)`.
+pub(crate) fn swiglu_backward(
+    gate: FlexTensor,
+    up: FlexTensor,
+    dy: FlexTensor,
+) -> (FlexTensor, FlexTensor) {
+    let (g, u, dy) = (contiguous(gate), contiguous(up), contiguous(dy));
+    let shape = dims(&g);
+    with_elem!(g.dtype(), E => {
+        let (dg, du) = swiglu::backward::<E>(slice::<E>(&g), slice::<E>(&u), slice::<E>(&dy));
+        (tensor(shape.clone(), dg), tensor(shape, du))
+    })
+}
+
+/// Rotary embedding of `x[batch, seq, heads·d]` with tables `[seq, d]`; `inverse` for the
+/// backward.
+pub(crate) fn rope(
+    x: FlexTensor,
+    cos: &FlexTensor,
+    sin: &FlexTensor,
+    heads: usize,
+    inverse: bool,
+) -> FlexTensor {
+    let x = contiguous(x);
+    let shape = dims(&x);
+    assert_eq!(
+        shape.len(),
+        3,
+        "rope: expected [batch, seq, heads·d], got {shape:?}"
+    );
+    let (cos, sin) = (floats(cos), floats(sin));
+    let seq = shape[1];
+    assert_eq!(
+        cos.len() * heads,
+        seq * shape[2],
+        "rope: tables do not match [seq, heads·d] = {shape:?}"
+    );
+    with_elem!(x.dtype(), E => tensor(shape, rope::apply::<E>(slice::<E>(&x), &cos, &sin, seq, heads, inverse)))
+}
+
+/// The attention's shapes from its inputs (see [`attention::Dims`]).
+fn attention_dims(
+    q: &FlexTensor,
+    k: &FlexTensor,
+    mask: &FlexTensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> attention::Dims {
+    let (qd, kd, md) = (dims(q), dims(k), dims(mask));
+    assert!(
+        qd.len() == 3 && kd.len() == 3,
+        "attention: q {qd:?}, k {kd:?}: expected [batch, seq, heads·d]"
+    );
+    assert!(
+        heads > 0 && kv_heads > 0 && heads.is_multiple_of(kv_heads),
+        "attention: {heads} heads, {kv_heads} kv heads"
+    );
+    let head_dim = qd[2] / heads;
+    assert_eq!(
+        kd[2],
+        kv_heads * head_dim,
+        "attention: k has {} features for {kv_heads} heads of {head_dim}",
+        kd[2]
+    );
+    let (batch, seq, keys) = (qd[0], qd[1], kd[1]);
+    let n = md.len();
+    assert!(
+        n >= 2 && md[n - 2] == seq && md[n - 1] == keys,
+        "attention: mask {md:?} for {seq} queries and {keys} keys"
+    );
+    let planes: usize = md[..n - 2].iter().product();
+    assert!(
+        planes == 1 || planes == batch,
+        "attention: mask {md:?} for batch {batch}"
+    );
+    attention::Dims {
+        batch,
+        seq,
+        keys,
+        heads,
+        kv_heads,
+        head_dim,
+        scale: scale as f32,
+        mask_per_batch: planes == batch && batch > 1,
+    }
+}
+
+/// A boolean mask's bytes (1: masked), row-major.
+fn mask_bytes(mask: &FlexTensor) -> Vec<u8> {
+    let mask = contiguous(mask.clone());
+    let (start, n) = (mask.layout().start_offset(), mask.layout().num_elements());
+    mask.storage::<u8>()[start..start + n].to_vec()
+}
+
+/// Attention forward: the output `[batch, seq, heads·d]` and the softmax stats.
+pub(crate) fn attention(
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    mask: FlexTensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> (FlexTensor, FlexTensor) {
+    let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+    let d = attention_dims(&q, &k, &mask, heads, kv_heads, scale);
+    let m = mask_bytes(&mask);
+    with_elem!(q.dtype(), E => {
+        let (out, stats) = attention::forward::<E>(slice::<E>(&q), slice::<E>(&k), slice::<E>(&v), &m, d);
+        (tensor(dims(&q), out), tensor([d.batch, d.heads, d.seq, 2], stats))
+    })
+}
+
+/// Attention backward: `(dq, dk, dv)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward(
+    q: FlexTensor,
+    k: FlexTensor,
+    v: FlexTensor,
+    mask: FlexTensor,
+    stats: FlexTensor,
+    dout: FlexTensor,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let (q, k, v, dout) = (
+        contiguous(q),
+        contiguous(k),
+        contiguous(v),
+        contiguous(dout),
+    );
+    let d = attention_dims(&q, &k, &mask, heads, kv_heads, scale);
+    let m = mask_bytes(&mask);
+    let stats = floats(&stats);
+    with_elem!(q.dtype(), E => {
+        let (dq, dk, dv) = attention::backward::<E>(
+            slice::<E>(&q), slice::<E>(&k), slice::<E>(&v), &m, &stats, slice::<E>(&dout), d,
+        );
+        (tensor(dims(&q), dq), tensor(dims(&k), dk), tensor(dims(&v), dv))
+    })
+}
+
+/// Cross-entropy of `logits[rows, vocab]` against `targets[rows]` (`-100`: not counted): the sum
+/// (`[1]`, f32) and each row's log-sum-exp.
+pub(crate) fn cross_entropy(logits: FlexTensor, targets: &FlexTensor) -> (FlexTensor, FlexTensor) {
+    let logits = contiguous(logits);
+    let [rows, vocab] = two(&logits);
+    let t = checked_targets(targets, rows, vocab);
+    with_elem!(logits.dtype(), E => {
+        let (sum, lse) = cross_entropy::forward::<E>(slice::<E>(&logits), &t, vocab);
+        (tensor([1], vec![sum]), tensor([rows], lse))
+    })
+}
+
+/// The logits' gradient of [`cross_entropy`] for the upstream gradient of the sum.
+pub(crate) fn cross_entropy_backward(
+    logits: FlexTensor,
+    targets: &FlexTensor,
+    lse: FlexTensor,
+    dsum: FlexTensor,
+) -> FlexTensor {
+    let logits = contiguous(logits);
+    let [rows, vocab] = two(&logits);
+    let t = checked_targets(targets, rows, vocab);
+    let lse = floats(&lse);
+    let g = floats(&dsum)[0];
+    with_elem!(logits.dtype(), E => tensor([rows, vocab], cross_entropy::backward::<E>(slice::<E>(&logits), &t, &lse, vocab, g)))
+}
+
+fn checked_targets(targets: &FlexTensor, rows: usize, vocab: usize) -> Vec<i64> {
+    let t = ints(targets);
+    assert_eq!(
+        t.len(),
+        rows,
+        "cross_entropy: {} targets for {rows} rows",
+        t.len()
+    );
+    if let Some(bad) = t
+        .iter()
+        .find(|&&v| v != cross_entropy::IGNORE && !(0..vocab as i64).contains(&v))
+    {
+        panic!("cross_entropy: target {bad} outside the vocabulary 0..{vocab}");
+    }
+    t
+}
+
+/// Rows `ids` of `weight[vocab, h]` → `[ids, h]`.
+pub(crate) fn embedding(weight: FlexTensor, ids: &FlexTensor) -> FlexTensor {
+    let w = contiguous(weight);
+    let [vocab, h] = two(&w);
+    let ids = checked_ids(ids, vocab, "embedding");
+    with_elem!(w.dtype(), E => {
+        let table = slice::<E>(&w);
+        let mut out = Vec::with_capacity(ids.len() * h);
+        for &i in &ids {
+            out.extend_from_slice(&table[i as usize * h..(i as usize + 1) * h]);
+        }
+        tensor([ids.len(), h], out)
+    })
+}
+
+/// The gradient of [`embedding`]: `dy` rows added into `[vocab, h]` in f32, in token order.
+pub(crate) fn embedding_backward(dy: FlexTensor, ids: &FlexTensor, vocab: usize) -> FlexTensor {
+    let dy = contiguous(dy);
+    let [n, h] = two(&dy);
+    let ids = checked_ids(ids, vocab, "embedding backward");
+    assert_eq!(
+        ids.len(),
+        n,
+        "embedding backward: {} ids for {n} rows",
+        ids.len()
+    );
+    with_elem!(dy.dtype(), E => {
+        let mut grad = vec![0.0f32; vocab * h];
+        for (row, &i) in slice::<E>(&dy).chunks_exact(h).zip(&ids) {
+            for (g, &d) in grad[i as usize * h..(i as usize + 1) * h].iter_mut().zip(row) {
+                *g += d.to_f32();
+            }
+        }
+        tensor([vocab, h], grad)
+    })
+}
+
+fn checked_ids(ids: &FlexTensor, vocab: usize, what: &str) -> Vec<i64> {
+    let ids = ints(ids);
+    if let Some(bad) = ids.iter().find(|&&i| !(0..vocab as i64).contains(&i)) {
+        panic!("{what}: token id {bad} outside the vocabulary 0..{vocab}");
+    }
+    ids
+}
+
+/// Whether the kernels run on tensors of `dtype`.
+pub(crate) fn supports(dtype: DType) -> bool {
+    tensor::supported(dtype)
+}

@@ -1,0 +1,81 @@
+//! Splitting row-wise work over the threads of the current rayon pool.
+
+use rayon::prelude::*;
+
+/// Rows per task so that a task holds at least `MIN_WORK` elements and there are a few tasks per
+/// thread (a row is never split).
+pub(crate) fn rows_per_task(rows: usize, row_len: usize) -> usize {
+    const MIN_WORK: usize = 16 * 1024;
+    let threads = rayon::current_num_threads();
+    if threads <= 1 {
+        return rows.max(1);
+    }
+    let by_work = MIN_WORK.div_ceil(row_len.max(1));
+    let by_threads = rows.div_ceil(4 * threads);
+    by_work.max(by_threads).max(1)
+}
+
+/// Calls `f(first_row, rows_of_out)` on consecutive blocks of whole rows of `out`
+/// (`row_len` elements each), in parallel when there is enough work.
+pub(crate) fn for_rows<T: Send>(
+    out: &mut [T],
+    row_len: usize,
+    f: impl Fn(usize, &mut [T]) + Sync + Send,
+) {
+    let row_len = row_len.max(1);
+    let rows = out.len() / row_len;
+    let per = rows_per_task(rows, row_len);
+    if per >= rows {
+        f(0, out);
+        return;
+    }
+    out.par_chunks_mut(per * row_len)
+        .enumerate()
+        .for_each(|(i, chunk)| f(i * per, chunk));
+}
+
+/// Like [`for_rows`] over two outputs with the same number of rows.
+pub(crate) fn for_rows2<T: Send, U: Send>(
+    a: &mut [T],
+    a_len: usize,
+    b: &mut [U],
+    b_len: usize,
+    f: impl Fn(usize, &mut [T], &mut [U]) + Sync + Send,
+) {
+    let (a_len, b_len) = (a_len.max(1), b_len.max(1));
+    let rows = a.len() / a_len;
+    let per = rows_per_task(rows, a_len.max(b_len));
+    if per >= rows {
+        f(0, a, b);
+        return;
+    }
+    a.par_chunks_mut(per * a_len)
+        .zip(b.par_chunks_mut(per * b_len))
+        .enumerate()
+        .for_each(|(i, (x, y))| f(i * per, x, y));
+}
+
+/// Sums per-block partial results `f(start, end)` over blocks of `block` rows, in block order, so
+/// the result depends neither on the number of threads nor on scheduling (bit-reproducible
+/// runs); with `block` = a batch row's positions, micro-batches and ranks that split the batch
+/// along its rows sum the same per-row partials.
+pub(crate) fn sum_blocks(
+    rows: usize,
+    block: usize,
+    len: usize,
+    f: impl Fn(usize, usize) -> Vec<f32> + Sync,
+) -> Vec<f32> {
+    let block = block.max(1);
+    let blocks = rows.div_ceil(block);
+    let partial: Vec<Vec<f32>> = (0..blocks)
+        .into_par_iter()
+        .map(|i| f(i * block, ((i + 1) * block).min(rows)))
+        .collect();
+    let mut total = vec![0.0f32; len];
+    for p in partial {
+        for (t, v) in total.iter_mut().zip(p) {
+            *t += v;
+        }
+    }
+    total
+}

@@ -1,0 +1,70 @@
+//! Rotary position embedding (rotate-half, as Hugging Face's Llama) on `[batch, seq, heads·d]`
+//! activations in their own layout: no transpose to `[batch, heads, seq, d]` is needed.
+
+use super::elem::{Elem, kernel};
+use super::parallel::for_rows;
+
+/// `y = x·cos + rotate_half(x)·sin` for rows `b·seq + s` of `heads · d` elements, with tables
+/// `cos`, `sin` of `[seq, d]` (f32). `inverse` applies the transpose of the rotation (the
+/// backward: `dx₁ = dy₁·cos₁ + dy₂·sin₂`, `dx₂ = dy₂·cos₂ − dy₁·sin₁`).
+pub(crate) fn apply<E: Elem>(
+    x: &[E],
+    cos: &[f32],
+    sin: &[f32],
+    seq: usize,
+    heads: usize,
+    inverse: bool,
+) -> Vec<E> {
+    let d = cos.len() / seq.max(1);
+    let row = heads * d;
+    let mut y = vec![E::from_f32(0.0); x.len()];
+    if row == 0 {
+        return y;
+    }
+    for_rows(&mut y, row, |first, y| {
+        let n = y.len() / row;
+        let tables = Tables { cos, sin, seq, d };
+        rows(
+            &x[first * row..(first + n) * row],
+            tables,
+            row,
+            first,
+            inverse,
+            y,
+        )
+    });
+    y
+}
+
+#[derive(Clone, Copy)]
+struct Tables<'a> {
+    cos: &'a [f32],
+    sin: &'a [f32],
+    seq: usize,
+    d: usize,
+}
+
+kernel! {
+    fn rows<E>(x: &[E], t: Tables<'_>, row: usize, first: usize, inverse: bool, y: &mut [E]) {
+        let (d, half) = (t.d, t.d / 2);
+        for (r, (xr, yr)) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)).enumerate() {
+            let pos = (first + r) % t.seq;
+            let cos = &t.cos[pos * d..(pos + 1) * d];
+            let sin = &t.sin[pos * d..(pos + 1) * d];
+            for (xh, yh) in xr.chunks_exact(d).zip(yr.chunks_exact_mut(d)) {
+                let (x1, x2) = xh.split_at(half);
+                let (y1, y2) = yh.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (x1[i].to_f32(), x2[i].to_f32());
+                    if inverse {
+                        y1[i] = E::from_f32(a * cos[i] + b * sin[half + i]);
+                        y2[i] = E::from_f32(b * cos[half + i] - a * sin[i]);
+                    } else {
+                        y1[i] = E::from_f32(a * cos[i] - b * sin[i]);
+                        y2[i] = E::from_f32(b * cos[half + i] + a * sin[half + i]);
+                    }
+                }
+            }
+        }
+    }
+}
