@@ -14,18 +14,14 @@ use crate::ops::KernelOps;
 /// What a backend needs beyond [`KernelOps`] to train through the fused operations: forwards
 /// that also return what their backward keeps, and the backwards.
 pub trait KernelGrads: KernelOps {
-    /// `dy[m, n] · w[n, k]`, by blocks of `block` rows.
-    fn linear_input_grad(
+    /// The input gradient `dy[m, n] · w[n, k]` when `w` is given and the weight gradient
+    /// `dy[m, n]ᵀ · x[m, k]` (f32, summed over blocks of `block` rows) when `x` is given.
+    fn linear_backward(
         dy: FloatTensor<Self>,
-        w: FloatTensor<Self>,
+        x: Option<FloatTensor<Self>>,
+        w: Option<FloatTensor<Self>>,
         block: usize,
-    ) -> FloatTensor<Self>;
-    /// `dy[m, n]ᵀ · x[m, k]`, summed over blocks of `block` rows.
-    fn linear_weight_grad(
-        dy: FloatTensor<Self>,
-        x: FloatTensor<Self>,
-        block: usize,
-    ) -> FloatTensor<Self>;
+    ) -> (Option<FloatTensor<Self>>, Option<FloatTensor<Self>>);
     /// The output and each row's `1/rms` (`[m]`, f32).
     fn rms_norm_train(
         x: FloatTensor<Self>,
@@ -54,13 +50,15 @@ pub trait KernelGrads: KernelOps {
         sin: FloatTensor<Self>,
         heads: usize,
     ) -> FloatTensor<Self>;
-    /// The output and the softmax stats (`[batch, heads, seq, 2]`, f32).
+    /// The output and the softmax stats (`[batch, heads, seq, 2]`, f32); `rope` is
+    /// `(cos, sin, rotary)` as in [`KernelOps::kiln_attention`].
     #[allow(clippy::too_many_arguments)]
     fn attention_train(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: BoolTensor<Self>,
+        rope: (FloatTensor<Self>, FloatTensor<Self>, bool),
         heads: usize,
         kv_heads: usize,
         scale: f64,
@@ -74,6 +72,7 @@ pub trait KernelGrads: KernelOps {
         mask: BoolTensor<Self>,
         stats: FloatTensor<Self>,
         dout: FloatTensor<Self>,
+        rope: (FloatTensor<Self>, FloatTensor<Self>, bool),
         heads: usize,
         kv_heads: usize,
         scale: f64,
@@ -117,11 +116,13 @@ impl<B: KernelGrads, C: CheckpointStrategy> KernelOps for Autodiff<B, C> {
                 let (x, w, block) = ops.state;
                 let dy = grads.consume::<B>(&ops.node);
                 let [px, pw] = ops.parents;
-                if let (Some(node), Some(w)) = (px, w) {
-                    grads.register::<B>(node.id, B::linear_input_grad(dy.clone(), w, block));
+                let (x, w) = (x.filter(|_| pw.is_some()), w.filter(|_| px.is_some()));
+                let (dx, dw) = B::linear_backward(dy, x, w, block);
+                if let (Some(node), Some(dx)) = (px, dx) {
+                    grads.register::<B>(node.id, dx);
                 }
-                if let (Some(node), Some(x)) = (pw, x) {
-                    grads.register::<B>(node.id, B::linear_weight_grad(dy, x, block));
+                if let (Some(node), Some(dw)) = (pw, dw) {
+                    grads.register::<B>(node.id, dw);
                 }
             }
         }
@@ -258,6 +259,9 @@ impl<B: KernelGrads, C: CheckpointStrategy> KernelOps for Autodiff<B, C> {
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: BoolTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        rotary: bool,
         heads: usize,
         kv_heads: usize,
         scale: f64,
@@ -271,6 +275,7 @@ impl<B: KernelGrads, C: CheckpointStrategy> KernelOps for Autodiff<B, C> {
             v: P<B>,
             mask: BoolTensor<B>,
             stats: P<B>,
+            rope: (P<B>, P<B>, bool),
             heads: usize,
             kv_heads: usize,
             scale: f64,
@@ -286,7 +291,7 @@ impl<B: KernelGrads, C: CheckpointStrategy> KernelOps for Autodiff<B, C> {
                 let s = ops.state;
                 let dout = grads.consume::<B>(&ops.node);
                 let (dq, dk, dv) = B::attention_backward(
-                    s.q, s.k, s.v, s.mask, s.stats, dout, s.heads, s.kv_heads, s.scale,
+                    s.q, s.k, s.v, s.mask, s.stats, dout, s.rope, s.heads, s.kv_heads, s.scale,
                 );
                 for (parent, grad) in ops.parents.into_iter().zip([dq, dk, dv]) {
                     if let Some(node) = parent {
@@ -297,13 +302,16 @@ impl<B: KernelGrads, C: CheckpointStrategy> KernelOps for Autodiff<B, C> {
         }
         let guards = [q.node(), k.node(), v.node()];
         let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+        let (cos, sin) = (cos.into_primitive(), sin.into_primitive());
         match Attention.prepare::<C>(guards).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
+                let rope = (cos, sin, rotary);
                 let (out, stats) = B::attention_train(
                     q.clone(),
                     k.clone(),
                     v.clone(),
                     mask.clone(),
+                    rope.clone(),
                     heads,
                     kv_heads,
                     scale,
@@ -314,15 +322,16 @@ impl<B: KernelGrads, C: CheckpointStrategy> KernelOps for Autodiff<B, C> {
                     v,
                     mask,
                     stats,
+                    rope,
                     heads,
                     kv_heads,
                     scale,
                 };
                 prep.finish(saved, out)
             }
-            OpsKind::UnTracked(prep) => {
-                prep.finish(B::kiln_attention(q, k, v, mask, heads, kv_heads, scale))
-            }
+            OpsKind::UnTracked(prep) => prep.finish(B::kiln_attention(
+                q, k, v, mask, cos, sin, rotary, heads, kv_heads, scale,
+            )),
         }
     }
 

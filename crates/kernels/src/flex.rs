@@ -10,8 +10,8 @@ use crate::ops::KernelOps;
 type T = FloatTensor<Flex>;
 
 impl KernelOps for Flex {
-    fn kiln_linear(x: T, w: T, block: usize) -> T {
-        cpu::linear(x, w, block)
+    fn kiln_linear(x: T, w: T, _block: usize) -> T {
+        cpu::linear(x, w)
     }
     fn kiln_rms_norm(x: T, w: T, eps: f64, _block: usize) -> T {
         cpu::rms_norm(x, w, eps).0
@@ -22,16 +22,20 @@ impl KernelOps for Flex {
     fn kiln_rope(x: T, cos: T, sin: T, heads: usize) -> T {
         cpu::rope(x, &cos, &sin, heads, false)
     }
+    #[allow(clippy::too_many_arguments)]
     fn kiln_attention(
         q: T,
         k: T,
         v: T,
         mask: BoolTensor<Flex>,
+        cos: T,
+        sin: T,
+        rotary: bool,
         heads: usize,
         kv_heads: usize,
         scale: f64,
     ) -> T {
-        cpu::attention(q, k, v, mask, heads, kv_heads, scale).0
+        cpu::attention(q, k, v, mask, (&cos, &sin, rotary), heads, kv_heads, scale).0
     }
     fn kiln_embedding(weight: T, ids: IntTensor<Flex>) -> T {
         cpu::embedding(weight, &ids)
@@ -42,11 +46,8 @@ impl KernelOps for Flex {
 }
 
 impl KernelGrads for Flex {
-    fn linear_input_grad(dy: T, w: T, block: usize) -> T {
-        cpu::linear_input_grad(dy, w, block)
-    }
-    fn linear_weight_grad(dy: T, x: T, block: usize) -> T {
-        cpu::linear_weight_grad(dy, x, block)
+    fn linear_backward(dy: T, x: Option<T>, w: Option<T>, block: usize) -> (Option<T>, Option<T>) {
+        cpu::linear_backward(dy, x, w, block)
     }
     fn rms_norm_train(x: T, w: T, eps: f64) -> (T, T) {
         cpu::rms_norm(x, w, eps)
@@ -60,16 +61,27 @@ impl KernelGrads for Flex {
     fn rope_backward(dy: T, cos: T, sin: T, heads: usize) -> T {
         cpu::rope(dy, &cos, &sin, heads, true)
     }
+    #[allow(clippy::too_many_arguments)]
     fn attention_train(
         q: T,
         k: T,
         v: T,
         mask: BoolTensor<Flex>,
+        rope: (T, T, bool),
         heads: usize,
         kv_heads: usize,
         scale: f64,
     ) -> (T, T) {
-        cpu::attention(q, k, v, mask, heads, kv_heads, scale)
+        cpu::attention(
+            q,
+            k,
+            v,
+            mask,
+            (&rope.0, &rope.1, rope.2),
+            heads,
+            kv_heads,
+            scale,
+        )
     }
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
@@ -79,11 +91,13 @@ impl KernelGrads for Flex {
         mask: BoolTensor<Flex>,
         stats: T,
         dout: T,
+        rope: (T, T, bool),
         heads: usize,
         kv_heads: usize,
         scale: f64,
     ) -> (T, T, T) {
-        cpu::attention_backward(q, k, v, mask, stats, dout, heads, kv_heads, scale)
+        let rope = (&rope.0, &rope.1, rope.2);
+        cpu::attention_backward(q, k, v, mask, stats, dout, rope, heads, kv_heads, scale)
     }
     fn embedding_grad(dy: T, ids: IntTensor<Flex>, vocab: usize) -> T {
         cpu::embedding_backward(dy, &ids, vocab)

@@ -12,7 +12,7 @@
 //! | [`rms_norm`] | `w · round(x / rms(x))` | `x`, each row's `1/rms` |
 //! | [`swiglu`] | `silu(g) · u` | `g`, `u` |
 //! | [`rope`] | rotate-half RoPE on `[batch, seq, heads·d]` | the tables |
-//! | [`attention`] | masked softmax attention, grouped-query heads | `q`, `k`, `v`, each row's max and sum |
+//! | [`attention`] | masked softmax attention, grouped-query heads, RoPE inside | `q`, `k`, `v` (unrotated), each row's max and sum |
 //! | [`cross_entropy_sum`] | log-softmax, pick, sum over the vocabulary | each row's log-sum-exp |
 //! | [`embedding`] | the rows of the table | the ids |
 //!
@@ -139,26 +139,49 @@ pub fn rope(x: Tensor<3>, cos: Tensor<2>, sin: Tensor<2>, heads: usize) -> Tenso
 /// `q kᵀ · scale` and softmax in f32, masked scores filled with `f32::MIN` (a row with every
 /// key masked attends uniformly), query head `h` reading kv head `h / (heads / kv_heads)`.
 ///
+/// With `rotary = Some((cos, sin))`, `q` and `k` are the projections before RoPE and are rotated
+/// inside the kernel (rotate-half, as [`rope`]) as each head is read, and their gradients rotated
+/// back: the rotated tensors are never stored (training: keys and queries share positions).
+/// Without, `q` and `k` come rotated (decoding with a cache).
+///
 /// # Shapes
 /// `q: [batch, seq, heads·d]`, `k`, `v: [batch, keys, kv_heads·d]`,
-/// `mask: [batch or 1, 1, seq, keys]` (true: may not attend) -> `[batch, seq, heads·d]`
+/// `mask: [batch or 1, 1, seq, keys]` (true: may not attend), `cos`, `sin: [seq, d]`
+/// -> `[batch, seq, heads·d]`
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: Tensor<3>,
     k: Tensor<3>,
     v: Tensor<3>,
     mask: Tensor<4, Bool>,
+    rotary: Option<(Tensor<2>, Tensor<2>)>,
     heads: usize,
     kv_heads: usize,
     scale: f64,
 ) -> Tensor<3> {
     if !fused(&q) || q.dtype() != k.dtype() || q.dtype() != v.dtype() {
+        let (q, k) = match rotary {
+            Some((cos, sin)) => (
+                composed::rope(q, cos.clone(), sin.clone(), heads),
+                composed::rope(k, cos, sin, kv_heads),
+            ),
+            None => (q, k),
+        };
         return composed::attention(q, k, v, mask, heads, kv_heads, scale);
     }
+    let rotate = rotary.is_some();
+    let (cos, sin) = rotary.unwrap_or_else(|| {
+        let none = Tensor::<2>::empty([0, 0], (&q.device(), DType::F32));
+        (none.clone(), none)
+    });
     Tensor::from_dispatch(<Dispatch as KernelOps>::kiln_attention(
         q.into_dispatch(),
         k.into_dispatch(),
         v.into_dispatch(),
         mask.into_dispatch(),
+        cos.into_dispatch(),
+        sin.into_dispatch(),
+        rotate,
         heads,
         kv_heads,
         scale,

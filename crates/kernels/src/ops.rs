@@ -29,12 +29,17 @@ pub trait KernelOps: Backend {
         heads: usize,
     ) -> FloatTensor<Self>;
     /// Attention of `q[batch, seq, heads·d]` over `k`, `v` `[batch, keys, kv_heads·d]` with
-    /// `mask[batch or 1, 1, seq, keys]` (true: masked) → `[batch, seq, heads·d]`.
+    /// `mask[batch or 1, 1, seq, keys]` (true: masked) → `[batch, seq, heads·d]`; with
+    /// `rotary`, `q` and `k` are rotated by `cos`, `sin` (`[seq, d]`) first.
+    #[allow(clippy::too_many_arguments)]
     fn kiln_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
         v: FloatTensor<Self>,
         mask: BoolTensor<Self>,
+        cos: FloatTensor<Self>,
+        sin: FloatTensor<Self>,
+        rotary: bool,
         heads: usize,
         kv_heads: usize,
         scale: f64,

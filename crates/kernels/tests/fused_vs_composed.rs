@@ -219,7 +219,7 @@ fn attention_equals_eager_attention() {
                 ],
                 |v| {
                     let (q, k, vv) = split(v);
-                    kiln_kernels::attention(q, k, vv, m.clone(), heads, kv_heads, scale)
+                    kiln_kernels::attention(q, k, vv, m.clone(), None, heads, kv_heads, scale)
                 },
                 |v| {
                     let (q, k, vv) = split(v);
@@ -227,6 +227,37 @@ fn attention_equals_eager_attention() {
                 },
             );
         }
+    }
+}
+
+#[test]
+fn attention_with_rotary_equals_rope_then_attention() {
+    for dtype in DTYPES {
+        let (b, s, d, heads, kv_heads) = (2, 40, 8, 4, 2);
+        let m = mask(b, s);
+        let (cos, sin) = tables(s, d);
+        let split = |v: Vec<Tensor<3>>| (v[0].clone(), v[1].clone(), v[2].clone());
+        let scale = (d as f64).powf(-0.5);
+        check(
+            "attention with rope",
+            dtype,
+            &[
+                input([b, s, heads * d], 12, dtype).mul_scalar(3.0),
+                input([b, s, kv_heads * d], 13, dtype).mul_scalar(3.0),
+                input([b, s, kv_heads * d], 14, dtype),
+            ],
+            |v| {
+                let (q, k, vv) = split(v);
+                let rotary = Some((cos.clone(), sin.clone()));
+                kiln_kernels::attention(q, k, vv, m.clone(), rotary, heads, kv_heads, scale)
+            },
+            |v| {
+                let (q, k, vv) = split(v);
+                let q = composed::rope(q, cos.clone(), sin.clone(), heads);
+                let k = composed::rope(k, cos.clone(), sin.clone(), kv_heads);
+                composed::attention(q, k, vv, m.clone(), heads, kv_heads, scale)
+            },
+        );
     }
 }
 
@@ -286,9 +317,15 @@ fn a_batch_row_does_not_depend_on_the_batch_around_it() {
 }
 
 fn batch_rows_are_independent() {
-    for (k, n) in [(32, 48), (256, 688), (17, 5)] {
-        let x = input([12, 8, k], 31, DType::F32).detach();
-        let w = input([n, k], 32, DType::F32).detach();
+    for (k, n, dtype) in [
+        (32, 48, DType::F32),
+        (256, 688, DType::F32),
+        (17, 5, DType::F32),
+        (600, 40, DType::F32),
+        (64, 48, DType::BF16),
+    ] {
+        let x = input([12, 8, k], 31, dtype).detach();
+        let w = input([n, k], 32, dtype).detach();
         let whole = to_vec(kiln_kernels::linear(x.clone(), w.clone()));
         for (start, rows) in [(0, 2), (2, 2), (5, 1), (4, 8)] {
             let part = to_vec(kiln_kernels::linear(

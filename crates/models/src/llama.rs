@@ -49,35 +49,27 @@ impl Attention {
             true => l.forward_few_rows(x),
             false => l.forward_with(x, dropout),
         };
-        let q = kiln_kernels::rope(
+        let (q, k, v) = (
             linear(&self.q_proj, x.clone()),
-            ctx.cos.clone(),
-            ctx.sin.clone(),
-            self.num_heads,
-        );
-        let k = kiln_kernels::rope(
             linear(&self.k_proj, x.clone()),
-            ctx.cos.clone(),
-            ctx.sin.clone(),
-            self.num_kv_heads,
+            linear(&self.v_proj, x),
         );
-        let v = linear(&self.v_proj, x);
-        let (k, v) = match cache {
-            Some(cache) => cache.append(k, v),
-            None => (k, v),
-        };
+        let (heads, kv_heads) = (self.num_heads, self.num_kv_heads);
+        let rotate = |t: Tensor<3>, n| kiln_kernels::rope(t, ctx.cos.clone(), ctx.sin.clone(), n);
         // Scores and softmax in f32, as HF's eager attention; masked scores get f32::MIN, so a row
-        // with every key masked (left padding) is uniform instead of NaN.
+        // with every key masked (left padding) is uniform instead of NaN. Without a cache the
+        // kernel rotates q and k itself (RoPE fused, the rotated tensors never stored); a cache
+        // keeps rotated keys.
         let scale = (self.head_dim as f64).powf(-0.5);
-        let out = kiln_kernels::attention(
-            q,
-            k,
-            v,
-            ctx.mask.clone(),
-            self.num_heads,
-            self.num_kv_heads,
-            scale,
-        );
+        let (q, k, v, rotary) = match cache {
+            Some(cache) => {
+                let (k, v) = cache.append(rotate(k, kv_heads), v);
+                (rotate(q, heads), k, v, None)
+            }
+            None => (q, k, v, Some((ctx.cos.clone(), ctx.sin.clone()))),
+        };
+        let out =
+            kiln_kernels::attention(q, k, v, ctx.mask.clone(), rotary, heads, kv_heads, scale);
         linear(&self.o_proj, out)
     }
 }

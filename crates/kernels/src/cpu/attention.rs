@@ -16,7 +16,7 @@ use super::small;
 
 /// Shapes and constants of one attention call.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Dims {
+pub(crate) struct Dims<'a> {
     pub batch: usize,
     pub seq: usize,
     pub keys: usize,
@@ -26,9 +26,20 @@ pub(crate) struct Dims {
     pub scale: f32,
     /// Whether the mask has one `[seq, keys]` plane per batch row (else one for all).
     pub mask_per_batch: bool,
+    /// Rotary tables `cos`, `sin` (`[seq, d]`, f32) when `q` and `k` come unrotated: each head's
+    /// rows are rotated as they are read, and its gradients rotated back, so the rotated `q` and
+    /// `k` never exist as tensors.
+    pub rope: Option<(&'a [f32], &'a [f32])>,
 }
 
-impl Dims {
+impl Dims<'_> {
+    /// One head's rows rotated by position (see [`Dims::rope`]); nothing without tables.
+    fn rotate(&self, rows: &mut [f32], inverse: bool) {
+        if let Some((cos, sin)) = self.rope {
+            super::rope::rotate_head(rows, cos, sin, self.head_dim, inverse);
+        }
+    }
+
     fn groups(&self) -> usize {
         self.heads / self.kv_heads
     }
@@ -38,7 +49,7 @@ impl Dims {
     fn kv_row(&self) -> usize {
         self.kv_heads * self.head_dim
     }
-    fn mask_plane<'a>(&self, mask: &'a [u8], b: usize) -> &'a [u8] {
+    fn mask_plane<'m>(&self, mask: &'m [u8], b: usize) -> &'m [u8] {
         let plane = self.seq * self.keys;
         let b = if self.mask_per_batch { b } else { 0 };
         &mask[b * plane..(b + 1) * plane]
@@ -130,18 +141,17 @@ fn head_forward<E: Elem>(
         ..
     } = dims;
     let kvh = h / dims.groups();
-    let qs = gather(q, b * seq * dims.q_row() + h * d, dims.q_row(), seq, d);
-    let kt = transpose(
-        &gather(
-            k,
-            b * keys * dims.kv_row() + kvh * d,
-            dims.kv_row(),
-            keys,
-            d,
-        ),
+    let mut qs = gather(q, b * seq * dims.q_row() + h * d, dims.q_row(), seq, d);
+    dims.rotate(&mut qs, false);
+    let mut ks = gather(
+        k,
+        b * keys * dims.kv_row() + kvh * d,
+        dims.kv_row(),
         keys,
         d,
     );
+    dims.rotate(&mut ks, false);
+    let kt = transpose(&ks, keys, d);
     let vs = gather(
         v,
         b * keys * dims.kv_row() + kvh * d,
@@ -326,7 +336,8 @@ fn kv_backward<E: Elem>(
         ..
     } = dims;
     let kv_base = b * keys * dims.kv_row() + kvh * d;
-    let ks = gather(k, kv_base, dims.kv_row(), keys, d);
+    let mut ks = gather(k, kv_base, dims.kv_row(), keys, d);
+    dims.rotate(&mut ks, false);
     let kt = transpose(&ks, keys, d);
     let vt = transpose(&gather(v, kv_base, dims.kv_row(), keys, d), keys, d);
     let plane = dims.mask_plane(mask, b);
@@ -338,7 +349,8 @@ fn kv_backward<E: Elem>(
     for j in 0..dims.groups() {
         let h = kvh * dims.groups() + j;
         let q_base = b * seq * dims.q_row() + h * d;
-        let qs = gather(q, q_base, dims.q_row(), seq, d);
+        let mut qs = gather(q, q_base, dims.q_row(), seq, d);
+        dims.rotate(&mut qs, false);
         let dos = gather(dout, q_base, dims.q_row(), seq, d);
         let st = &stats[(b * heads + h) * seq * 2..(b * heads + h + 1) * seq * 2];
         let mut dqh = vec![0.0f32; seq * d];
@@ -376,8 +388,10 @@ fn kv_backward<E: Elem>(
             );
             small::matmul(dp, 1, w, q_blk, d, &mut dk, d, (w, d, rows), true);
         }
+        dims.rotate(&mut dqh, true);
         dq.push(dqh);
     }
+    dims.rotate(&mut dk, true);
     KvGrads { dq, dk, dv }
 }
 

@@ -41,40 +41,36 @@ kernel! {
     }
 }
 
-/// `dlogits = g · (softmax(row) − onehot(target))` for counted rows, 0 for ignored ones.
-pub(crate) fn backward<E: Elem>(
-    logits: &[E],
+/// `dlogits = g · (softmax(row) − onehot(target))` for counted rows, 0 for ignored ones,
+/// written over the logits themselves: the gradient has their shape and dtype, and the logits
+/// are not needed after it, so no buffer of `[rows, vocab]` is allocated.
+pub(crate) fn backward_in_place<E: Elem>(
+    logits: &mut [E],
     targets: &[i64],
     lse: &[f32],
     vocab: usize,
     g: f32,
-) -> Vec<E> {
-    let mut d = vec![E::from_f32(0.0); logits.len()];
-    for_rows(&mut d, vocab, |first, d| {
-        let n = d.len() / vocab;
-        rows_backward(
-            &logits[first * vocab..(first + n) * vocab],
-            &targets[first..first + n],
-            &lse[first..first + n],
-            g,
-            d,
-        )
+) {
+    for_rows(logits, vocab, |first, rows| {
+        let n = rows.len() / vocab;
+        rows_backward(rows, &targets[first..first + n], &lse[first..first + n], g)
     });
-    d
 }
 
 kernel! {
-    fn rows_backward<E>(logits: &[E], targets: &[i64], lse: &[f32], g: f32, d: &mut [E]) {
+    fn rows_backward<E>(logits: &mut [E], targets: &[i64], lse: &[f32], g: f32) {
         let vocab = logits.len() / targets.len().max(1);
-        for (((row, &t), &z), out) in logits.chunks_exact(vocab).zip(targets).zip(lse).zip(d.chunks_exact_mut(vocab)) {
+        for ((row, &t), &z) in logits.chunks_exact_mut(vocab).zip(targets).zip(lse) {
             if t == IGNORE {
+                row.fill(E::from_f32(0.0));
                 continue;
             }
-            for (o, &v) in out.iter_mut().zip(row) {
-                *o = E::from_f32(g * exp(v.to_f32() - z));
-            }
             let t = t as usize;
-            out[t] = E::from_f32(g * (exp(row[t].to_f32() - z) - 1.0));
+            let picked = row[t].to_f32();
+            for v in row.iter_mut() {
+                *v = E::from_f32(g * exp(v.to_f32() - z));
+            }
+            row[t] = E::from_f32(g * (exp(picked - z) - 1.0));
         }
     }
 }

@@ -199,30 +199,36 @@ fn fold(mut acc: [f32; LANES]) -> f32 {
     acc[0]
 }
 
-/// Whether this CPU runs the AVX-512 builds of the kernels (F, BW, VL, DQ and FMA).
-pub(crate) fn avx512() -> bool {
+/// Which build of the kernels this CPU runs: 2 for AVX-512 (F, BW, VL, DQ, with FMA), 1 for
+/// AVX2 with FMA, 0 for the baseline.
+pub(crate) fn simd_level() -> u8 {
     use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
+    static LEVEL: OnceLock<u8> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
         {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vl")
-                && std::arch::is_x86_feature_detected!("avx512dq")
-                && std::arch::is_x86_feature_detected!("fma")
+            use std::arch::is_x86_feature_detected as has;
+            let fma = has!("fma") && has!("avx2") && has!("bmi2") && has!("f16c");
+            if fma && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+                2
+            } else if fma {
+                1
+            } else {
+                0
+            }
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
-            false
+            0
         }
     })
 }
 
-/// Defines a kernel function whose body is compiled twice, for AVX-512 and for the baseline
-/// target, and picks one per call from what the CPU has. Everything the body calls must be
-/// `#[inline(always)]` to be compiled with the wider instruction set. The function may have one
-/// element type parameter.
+/// Defines a kernel function whose body is compiled three times, for AVX-512, for AVX2 + FMA and
+/// for the baseline target, and picks one per call from what the CPU has. Everything the body
+/// calls must be `#[inline(always)]` to be compiled with the wider instruction set. The function
+/// may have one element type parameter. `f32::mul_add` is a single instruction in the first two
+/// (and a library call only on x86-64 CPUs older than 2013, which have neither).
 macro_rules! kernel {
     ($(#[$meta:meta])* $vis:vis fn $name:ident $(<$E:ident>)? ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -235,9 +241,17 @@ macro_rules! kernel {
                 body $(::<$E>)? ($($arg),*)
             }
             #[cfg(target_arch = "x86_64")]
-            if $crate::cpu::elem::avx512() {
-                // SAFETY: `avx512()` checked that the CPU has every feature `wide` enables.
-                return unsafe { wide $(::<$E>)? ($($arg),*) };
+            #[target_feature(enable = "avx2,fma,bmi2,f16c")]
+            unsafe fn mid $(<$E: $crate::cpu::elem::Elem>)? ($($arg: $ty),*) $(-> $ret)? {
+                body $(::<$E>)? ($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            match $crate::cpu::elem::simd_level() {
+                // SAFETY: `simd_level` checked that the CPU has every feature the build enables.
+                2 => return unsafe { wide $(::<$E>)? ($($arg),*) },
+                // SAFETY: as above.
+                1 => return unsafe { mid $(::<$E>)? ($($arg),*) },
+                _ => {}
             }
             body $(::<$E>)? ($($arg),*)
         }

@@ -90,7 +90,7 @@ const PARALLEL_WORK: usize = 1 << 21;
 fn threads_for(a: &Mat<impl Sized>, b: &Mat<impl Sized>) -> usize {
     let work = a.rows.saturating_mul(a.cols).saturating_mul(b.cols);
     if work >= PARALLEL_WORK {
-        rayon::current_num_threads()
+        super::parallel::threads()
     } else {
         1
     }
@@ -105,34 +105,123 @@ fn check<E, F>(a: &Mat<E>, b: &Mat<E>, out: &[F], out_rs: usize) {
     );
 }
 
-/// `out[m × n] = a · b` for row-major `a` and `out`, one product per block of `block` rows of
-/// `a` (a batch row's positions): each block is computed as the same product whatever else is in
-/// the batch, so a row's result does not depend on the batch around it (gemm's blocking and its
-/// choice of kernel depend on the sizes). Blocks run in parallel on the current pool.
-pub(crate) fn matmul_blocks<E: Elem>(a: Mat<E>, b: Mat<E>, out: &mut [E], block: usize) {
+/// `out[m × n] = a · b` for row-major `a` and `out`, computed so that each row's result does not
+/// depend on the other rows: micro-batches and ranks that split a batch compute each row as the
+/// whole batch does.
+///
+/// The `gemm` crate multiplies a tile of rows with one microkernel and the rows at the edge of
+/// the product with narrower ones whose additions associate differently, and for small products
+/// it blocks `k` differently. So the rows go in one product whose row count is a multiple of
+/// [`ROW_TILE`] and above the small-product sizes, the remainder padded with zero rows to one
+/// such product of its own. kiln-gemm computes every element the same way wherever it sits.
+pub(crate) fn matmul_rows<E: Elem>(a: Mat<E>, b: Mat<E>) -> Vec<E> {
     use rayon::prelude::*;
-    let (m, n) = (a.rows, b.cols);
-    assert_eq!(a.rs, a.cols, "matmul_blocks: row-major A");
-    let block = block.clamp(1, m.max(1));
-    if m.div_ceil(block) < 2 || n == 0 {
-        return matmul(a, b, out, n);
+    use std::mem::MaybeUninit;
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert_eq!(a.rs, k, "matmul_rows: row-major A");
+    assert_eq!(a.cs, 1, "matmul_rows: row-major A");
+    if E::DTYPE == burn::tensor::DType::BF16 || m == 0 || n == 0 || k == 0 {
+        let mut out = vec![E::from_f32(0.0); m * n];
+        matmul(a, b, &mut out, n);
+        return out;
     }
-    let product = |(i, out): (usize, &mut [E])| {
-        let rows = out.len() / n;
-        matmul_on(a.row_range(i * block, rows), b, out, n, 1);
-    };
-    if rayon::current_num_threads() > 1 {
-        out[..m * n]
-            .par_chunks_mut(block * n)
-            .enumerate()
-            .for_each(product);
+    assert_eq!(k, b.rows, "matmul_rows: inner dimensions");
+    assert!(
+        a.fits() && b.fits(),
+        "matmul_rows: strides outside the data"
+    );
+    // Below MIN_ROWS rows a product with at most SMALL_COLS columns takes gemm's small path.
+    let min_rows = if n > SMALL_COLS { ROW_TILE } else { MIN_ROWS };
+    let body = if m >= min_rows {
+        m / ROW_TILE * ROW_TILE
     } else {
-        out[..m * n]
-            .chunks_mut(block * n)
-            .enumerate()
-            .for_each(product);
+        0
+    };
+    let parallel = super::parallel::threads() > 1 && m * k * n >= PARALLEL_WORK;
+    // One product per thread over whole tiles of rows (each at least `min_rows`), and the
+    // remainder padded beside them, rather than gemm's own split of each product: long
+    // single-threaded products keep the cores busier.
+    let parts = if parallel {
+        super::parallel::threads().min(body / min_rows).max(1)
+    } else {
+        1
+    };
+    // The output is written, never read, by the products: no zeroing pass.
+    let mut out: Vec<E> = Vec::with_capacity(m * n);
+    let spare = &mut out.spare_capacity_mut()[..m * n];
+    let (body_out, rest_out) = spare.split_at_mut(body * n);
+    let mut jobs: Vec<(usize, &mut [MaybeUninit<E>])> = Vec::with_capacity(parts + 1);
+    let (mut left, mut start, tiles) = (body_out, 0, body / ROW_TILE);
+    for p in 0..parts.min(tiles) {
+        let rows = (tiles / parts + usize::from(p < tiles % parts)) * ROW_TILE;
+        let (part, tail) = left.split_at_mut(rows * n);
+        jobs.push((start, part));
+        (left, start) = (tail, start + rows);
+    }
+    if !rest_out.is_empty() {
+        jobs.push((body, rest_out));
+    }
+    let job = |(start, out): (usize, &mut [MaybeUninit<E>])| {
+        let rows = out.len() / n;
+        let threads = if parallel { 1 } else { threads_for(&a, &b) };
+        if start < body {
+            // SAFETY: `out` holds exactly `rows × n` elements, the product writes every one of
+            // them (read_dst = false) and reads none; the inputs were checked above.
+            return unsafe {
+                gemm_into(
+                    a.row_range(start, rows),
+                    b,
+                    out.as_mut_ptr().cast(),
+                    n,
+                    threads,
+                )
+            };
+        }
+        let padded = rows.next_multiple_of(ROW_TILE).max(min_rows);
+        let mut a_pad = vec![E::from_f32(0.0); padded * k];
+        a_pad[..rows * k].copy_from_slice(&a.data[start * k..(start + rows) * k]);
+        let mut out_pad = vec![E::from_f32(0.0); padded * n];
+        matmul_on(Mat::rows(&a_pad, padded, k), b, &mut out_pad, n, threads);
+        for (o, &v) in out.iter_mut().zip(&out_pad) {
+            o.write(v);
+        }
+    };
+    if parallel {
+        jobs.into_par_iter().for_each(job);
+    } else {
+        jobs.into_iter().for_each(job);
+    }
+    // SAFETY: the jobs cover the first `m × n` elements and each wrote all of its own.
+    unsafe { out.set_len(m * n) };
+    out
+}
+
+/// `out[m × n] = a · b` on the `gemm` crate (f32 or f16 `E`), `out` given as a pointer so it may be
+/// uninitialised.
+///
+/// # Safety
+/// `out` must be valid for writes of `(m - 1) · out_rs + n` elements and alias neither input;
+/// `a` and `b` must lie inside their slices (see `check`).
+unsafe fn gemm_into<E: Elem>(a: Mat<E>, b: Mat<E>, out: *mut E, out_rs: usize, threads: usize) {
+    // SAFETY: the caller's contract, passed on; `E` is f32 or f16 here, as `T` below.
+    unsafe {
+        match E::DTYPE {
+            burn::tensor::DType::F16 => {
+                gemm_raw::<f16>(a.retype(), b.retype(), out.cast(), out_rs, false, threads)
+            }
+            _ => gemm_raw::<f32>(a.retype(), b.retype(), out.cast(), out_rs, false, threads),
+        }
     }
 }
+
+/// Products with at most this many columns (and fewer than [`MIN_ROWS`] rows) take the `gemm`
+/// crate's small-product path, which blocks `k` differently.
+const SMALL_COLS: usize = 64;
+/// Rows per `gemm` crate product are a multiple of this: a multiple of every microkernel width
+/// it uses (6 on AVX2 and AVX-512, 4 and 8 elsewhere).
+const ROW_TILE: usize = 24;
+/// Products of at least this many rows take the `gemm` crate's general path.
+const MIN_ROWS: usize = 72;
 
 /// `out[m × n] = a · b` in `E` (row-major `out` with row stride `out_rs`), accumulated in f32
 /// (f16: in the `gemm` crate's f16 product), on the current pool's threads when it is big
@@ -155,8 +244,13 @@ fn matmul_on<E: Elem>(a: Mat<E>, b: Mat<E>, out: &mut [E], out_rs: usize, thread
                 data: out,
                 row_stride: out_rs,
             };
-            kiln_gemm::matmul_bf16(a.retype::<bf16>().into_ref(), b.retype().into_ref(), c, threads)
-                .expect("kiln-kernels: bf16 product on checked shapes");
+            kiln_gemm::matmul_bf16(
+                a.retype::<bf16>().into_ref(),
+                b.retype().into_ref(),
+                c,
+                threads,
+            )
+            .expect("kiln-kernels: bf16 product on checked shapes");
         }
         burn::tensor::DType::F16 => {
             let out: &mut [f16] = bytemuck::cast_slice_mut(out);
@@ -189,8 +283,13 @@ pub(crate) fn matmul_f32<E: Elem>(
                 row_stride: out_rs,
                 accumulate,
             };
-            kiln_gemm::matmul_bf16(a.retype::<bf16>().into_ref(), b.retype().into_ref(), c, threads)
-                .expect("kiln-kernels: bf16 product on checked shapes");
+            kiln_gemm::matmul_bf16(
+                a.retype::<bf16>().into_ref(),
+                b.retype().into_ref(),
+                c,
+                threads,
+            )
+            .expect("kiln-kernels: bf16 product on checked shapes");
         }
         burn::tensor::DType::F16 => {
             let widen = |m: Mat<E>| -> Vec<f32> {
@@ -233,11 +332,6 @@ fn gemm_crate<T: GemmScalar + bytemuck::Zeroable>(
     accumulate: bool,
     threads: usize,
 ) {
-    let parallelism = if threads > 1 {
-        gemm::Parallelism::Rayon(threads)
-    } else {
-        gemm::Parallelism::None
-    };
     if a.cols == 0 {
         if !accumulate {
             for row in out.chunks_mut(out_rs.max(1)).take(a.rows) {
@@ -248,12 +342,33 @@ fn gemm_crate<T: GemmScalar + bytemuck::Zeroable>(
     }
     // SAFETY: `check` verified that every element of `a`, `b` and the `m × n` block of `out` lies
     // inside its slice; `out` is borrowed mutably, so it aliases neither input.
+    unsafe { gemm_raw(a, b, out.as_mut_ptr(), out_rs, accumulate, threads) }
+}
+
+/// The `gemm` crate's product into `out`, read only when `accumulate`.
+///
+/// # Safety
+/// As [`gemm_into`]; `k` must be at least 1 when `out` is uninitialised.
+unsafe fn gemm_raw<T: GemmScalar>(
+    a: Mat<T>,
+    b: Mat<T>,
+    out: *mut T,
+    out_rs: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the caller's contract.
     unsafe {
         gemm::gemm(
             a.rows,
             b.cols,
             a.cols,
-            out.as_mut_ptr(),
+            out,
             1,
             out_rs as isize,
             accumulate,

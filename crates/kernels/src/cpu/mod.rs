@@ -16,8 +16,8 @@ use burn::backend::flex::FlexTensor;
 use burn::tensor::DType;
 
 use elem::Elem;
-use matmul::{Mat, matmul_blocks};
-use tensor::{contiguous, dims, floats, ints, slice, tensor, with_elem};
+use matmul::{Mat, matmul_rows};
+use tensor::{contiguous, dims, exclusive, floats, ints, slice, tensor, with_elem};
 
 /// A 2-D view of a flex matrix (any non-negative strides) for [`matmul`].
 fn mat<E: Elem>(t: &FlexTensor) -> (FlexTensor, usize, usize, usize, usize) {
@@ -55,31 +55,51 @@ fn view<'a, E: Elem>(
     }
 }
 
-/// `x[m, k] · w[n, k]ᵀ` → `[m, n]`, by blocks of `block` rows (see [`matmul_blocks`]).
-pub(crate) fn linear(x: FlexTensor, w: FlexTensor, block: usize) -> FlexTensor {
+/// `x[m, k] · w[n, k]ᵀ` → `[m, n]`, each row computed as it would be alone (see
+/// [`matmul_rows`]).
+pub(crate) fn linear(x: FlexTensor, w: FlexTensor) -> FlexTensor {
     let x = contiguous(x);
     let [m, k] = two(&x);
     let (w, n, wk, rs, cs) = mat_of(&w);
     assert_eq!(k, wk, "linear: input has {k} features, the weight {wk}");
     with_elem!(x.dtype(), E => {
-        let out = tensor::filled::<E>(m * n, |out| {
-            matmul_blocks(Mat::rows(slice::<E>(&x), m, k), view::<E>(&w, n, k, rs, cs).t(), out, block)
-        });
+        let out = matmul_rows(Mat::rows(slice::<E>(&x), m, k), view::<E>(&w, n, k, rs, cs).t());
         tensor([m, n], out)
     })
 }
 
-/// The input gradient of [`linear`]: `dy[m, n] · w[n, k]` → `[m, k]`, by blocks of rows as
-/// the forward.
-pub(crate) fn linear_input_grad(dy: FlexTensor, w: FlexTensor, block: usize) -> FlexTensor {
+/// Both gradients of [`linear`] that are asked for: the input's (with `w`) and the weight's
+/// (with `x`), side by side on the pool's threads when there are both.
+pub(crate) fn linear_backward(
+    dy: FlexTensor,
+    x: Option<FlexTensor>,
+    w: Option<FlexTensor>,
+    block: usize,
+) -> (Option<FlexTensor>, Option<FlexTensor>) {
+    match (x, w) {
+        (Some(x), Some(w)) => {
+            let dy2 = dy.clone();
+            let (dx, dw) = parallel::side_by_side(
+                move || linear_input_grad(dy2, w),
+                move || linear_weight_grad(dy, x, block),
+            );
+            (Some(dx), Some(dw))
+        }
+        (None, Some(w)) => (Some(linear_input_grad(dy, w)), None),
+        (Some(x), None) => (None, Some(linear_weight_grad(dy, x, block))),
+        (None, None) => (None, None),
+    }
+}
+
+/// The input gradient of [`linear`]: `dy[m, n] · w[n, k]` → `[m, k]`, row by row as the
+/// forward.
+pub(crate) fn linear_input_grad(dy: FlexTensor, w: FlexTensor) -> FlexTensor {
     let dy = contiguous(dy);
     let [m, n] = two(&dy);
     let (w, wn, k, rs, cs) = mat_of(&w);
     assert_eq!(n, wn, "linear backward: shapes");
     with_elem!(dy.dtype(), E => {
-        let out = tensor::filled::<E>(m * k, |out| {
-            matmul_blocks(Mat::rows(slice::<E>(&dy), m, n), view::<E>(&w, n, k, rs, cs), out, block)
-        });
+        let out = matmul_rows(Mat::rows(slice::<E>(&dy), m, n), view::<E>(&w, n, k, rs, cs));
         tensor([m, k], out)
     })
 }
@@ -207,14 +227,14 @@ pub(crate) fn rope(
 }
 
 /// The attention's shapes from its inputs (see [`attention::Dims`]).
-fn attention_dims(
+fn attention_dims<'a>(
     q: &FlexTensor,
     k: &FlexTensor,
     mask: &FlexTensor,
     heads: usize,
     kv_heads: usize,
     scale: f64,
-) -> attention::Dims {
+) -> attention::Dims<'a> {
     let (qd, kd, md) = (dims(q), dims(k), dims(mask));
     assert!(
         qd.len() == 3 && kd.len() == 3,
@@ -243,6 +263,7 @@ fn attention_dims(
         "attention: mask {md:?} for batch {batch}"
     );
     attention::Dims {
+        rope: None,
         batch,
         seq,
         keys,
@@ -261,19 +282,44 @@ fn mask_bytes(mask: &FlexTensor) -> Vec<u8> {
     mask.storage::<u8>()[start..start + n].to_vec()
 }
 
-/// Attention forward: the output `[batch, seq, heads·d]` and the softmax stats.
+/// Rotary tables as f32 when `rotary` (checked against the queries: `[seq, d]`).
+fn tables(
+    cos: &FlexTensor,
+    sin: &FlexTensor,
+    rotary: bool,
+    d: &attention::Dims,
+) -> Option<(Vec<f32>, Vec<f32>)> {
+    rotary.then(|| {
+        let (c, s) = (floats(cos), floats(sin));
+        assert!(
+            d.keys == d.seq && c.len() == d.seq * d.head_dim && s.len() == c.len(),
+            "attention: rotary tables for {} positions of {} (keys {})",
+            d.seq,
+            d.head_dim,
+            d.keys
+        );
+        (c, s)
+    })
+}
+
+/// Attention forward: the output `[batch, seq, heads·d]` and the softmax stats; with `rotary`,
+/// `q` and `k` are rotated by `cos`, `sin` (`[seq, d]`) as they are read.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn attention(
     q: FlexTensor,
     k: FlexTensor,
     v: FlexTensor,
     mask: FlexTensor,
+    (cos, sin, rotary): (&FlexTensor, &FlexTensor, bool),
     heads: usize,
     kv_heads: usize,
     scale: f64,
 ) -> (FlexTensor, FlexTensor) {
     let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
-    let d = attention_dims(&q, &k, &mask, heads, kv_heads, scale);
+    let mut d = attention_dims(&q, &k, &mask, heads, kv_heads, scale);
     let m = mask_bytes(&mask);
+    let rope = tables(cos, sin, rotary, &d);
+    d.rope = rope.as_ref().map(|(c, s)| (c.as_slice(), s.as_slice()));
     with_elem!(q.dtype(), E => {
         let (out, stats) = attention::forward::<E>(slice::<E>(&q), slice::<E>(&k), slice::<E>(&v), &m, d);
         (tensor(dims(&q), out), tensor([d.batch, d.heads, d.seq, 2], stats))
@@ -289,6 +335,7 @@ pub(crate) fn attention_backward(
     mask: FlexTensor,
     stats: FlexTensor,
     dout: FlexTensor,
+    (cos, sin, rotary): (&FlexTensor, &FlexTensor, bool),
     heads: usize,
     kv_heads: usize,
     scale: f64,
@@ -299,9 +346,11 @@ pub(crate) fn attention_backward(
         contiguous(v),
         contiguous(dout),
     );
-    let d = attention_dims(&q, &k, &mask, heads, kv_heads, scale);
+    let mut d = attention_dims(&q, &k, &mask, heads, kv_heads, scale);
     let m = mask_bytes(&mask);
     let stats = floats(&stats);
+    let rope = tables(cos, sin, rotary, &d);
+    d.rope = rope.as_ref().map(|(c, s)| (c.as_slice(), s.as_slice()));
     with_elem!(q.dtype(), E => {
         let (dq, dk, dv) = attention::backward::<E>(
             slice::<E>(&q), slice::<E>(&k), slice::<E>(&v), &m, &stats, slice::<E>(&dout), d,
@@ -329,12 +378,15 @@ pub(crate) fn cross_entropy_backward(
     lse: FlexTensor,
     dsum: FlexTensor,
 ) -> FlexTensor {
-    let logits = contiguous(logits);
+    let mut logits = exclusive(logits);
     let [rows, vocab] = two(&logits);
     let t = checked_targets(targets, rows, vocab);
     let lse = floats(&lse);
     let g = floats(&dsum)[0];
-    with_elem!(logits.dtype(), E => tensor([rows, vocab], cross_entropy::backward::<E>(slice::<E>(&logits), &t, &lse, vocab, g)))
+    with_elem!(logits.dtype(), E => {
+        cross_entropy::backward_in_place::<E>(logits.storage_mut::<E>(), &t, &lse, vocab, g);
+        logits
+    })
 }
 
 fn checked_targets(targets: &FlexTensor, rows: usize, vocab: usize) -> Vec<i64> {

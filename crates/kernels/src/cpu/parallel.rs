@@ -1,12 +1,54 @@
 //! Splitting row-wise work over the threads of the current rayon pool.
 
+use std::cell::Cell;
+
 use rayon::prelude::*;
+
+thread_local! {
+    /// Set while a kernel runs inside [`side_by_side`]: it keeps to its own thread.
+    static SERIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Threads a kernel may split its work over here: the current pool's, or 1 inside
+/// [`side_by_side`].
+pub(crate) fn threads() -> usize {
+    if SERIAL.get() {
+        1
+    } else {
+        rayon::current_num_threads()
+    }
+}
+
+/// Runs two independent pieces of work at the same time, each on one thread of the pool (the
+/// input and weight gradients of a linear layer: two products of about the same size keep two
+/// cores busy without splitting either, and without waking a thread per split).
+pub(crate) fn side_by_side<A: Send, B: Send>(
+    a: impl FnOnce() -> A + Send,
+    b: impl FnOnce() -> B + Send,
+) -> (A, B) {
+    if threads() < 2 {
+        return (a(), b());
+    }
+    rayon::join(|| serial(a), || serial(b))
+}
+
+/// `f` with [`threads`] = 1 on this thread.
+fn serial<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.set(self.0);
+        }
+    }
+    let _restore = Restore(SERIAL.replace(true));
+    f()
+}
 
 /// Rows per task so that a task holds at least `MIN_WORK` elements and there are a few tasks per
 /// thread (a row is never split).
 pub(crate) fn rows_per_task(rows: usize, row_len: usize) -> usize {
     const MIN_WORK: usize = 16 * 1024;
-    let threads = rayon::current_num_threads();
+    let threads = threads();
     if threads <= 1 {
         return rows.max(1);
     }

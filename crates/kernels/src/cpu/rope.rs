@@ -68,3 +68,28 @@ kernel! {
         }
     }
 }
+
+/// One head's rows `[rows, d]` (f32, in place) rotated by the tables' rows `0..rows` (`[·, d]`):
+/// row `r` is position `r`. `inverse` applies the transposed rotation (the backward).
+pub(crate) fn rotate_head(x: &mut [f32], cos: &[f32], sin: &[f32], d: usize, inverse: bool) {
+    rotate_rows(x, cos, sin, d, inverse)
+}
+
+kernel! {
+    fn rotate_rows(x: &mut [f32], cos: &[f32], sin: &[f32], d: usize, inverse: bool) {
+        let half = d / 2;
+        for ((row, c), s) in x.chunks_exact_mut(d).zip(cos.chunks_exact(d)).zip(sin.chunks_exact(d)) {
+            let (x1, x2) = row.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                if inverse {
+                    x1[i] = a * c[i] + b * s[half + i];
+                    x2[i] = b * c[half + i] - a * s[i];
+                } else {
+                    x1[i] = a * c[i] - b * s[i];
+                    x2[i] = b * c[half + i] + a * s[half + i];
+                }
+            }
+        }
+    }
+}

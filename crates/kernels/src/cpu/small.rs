@@ -92,7 +92,7 @@ fn tile<const R: usize, const N: usize>(
         for (r, acc) in acc.iter_mut().enumerate() {
             let av = a[(i + r) * ars + p * acs];
             for q in 0..N {
-                acc[q] += av * brow[q];
+                acc[q] = av.mul_add(brow[q], acc[q]);
             }
         }
     }
@@ -131,7 +131,7 @@ fn edge(
             let av = a[r * ars + p * acs];
             let brow = &b[p * ldb + j..p * ldb + j + cols];
             for (x, &bv) in acc.iter_mut().zip(brow) {
-                *x += av * bv;
+                *x = av.mul_add(bv, *x);
             }
         }
         let crow = &mut c[r * ldc + j..r * ldc + j + cols];

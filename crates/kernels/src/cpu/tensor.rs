@@ -15,6 +15,23 @@ pub(crate) fn contiguous(t: FlexTensor) -> FlexTensor {
     }
 }
 
+/// `t` contiguous, starting at its buffer's first element, with a buffer of its own: written in
+/// place without a copy when nothing else holds it (a copy otherwise).
+pub(crate) fn exclusive(t: FlexTensor) -> FlexTensor {
+    let exact = t.is_contiguous()
+        && t.layout().start_offset() == 0
+        && t.bytes().len() == t.layout().num_elements() * t.dtype().size();
+    if exact && t.is_unique() {
+        t
+    } else {
+        let dims = t.layout().shape().clone();
+        with_elem!(t.dtype(), E => {
+            let c = contiguous(t);
+            tensor(dims, slice::<E>(&c).to_vec())
+        })
+    }
+}
+
 /// The elements of a contiguous tensor, in row-major order.
 pub(crate) fn slice<E: Elem>(t: &FlexTensor) -> &[E] {
     t.as_slice::<E>()
@@ -26,14 +43,6 @@ pub(crate) fn tensor<E: Elem>(shape: impl Into<Shape>, data: Vec<E>) -> FlexTens
     let shape = shape.into();
     debug_assert_eq!(shape.num_elements(), data.len());
     FlexTensor::new(Bytes::from_elems(data), Layout::contiguous(shape), E::DTYPE)
-}
-
-/// A vector of `n` elements written by `fill`, which must write every element of the slice it
-/// is given before anything reads it (no zeroing pass).
-pub(crate) fn filled<E: Elem>(n: usize, fill: impl FnOnce(&mut [E])) -> Vec<E> {
-    let mut v = vec![E::from_f32(0.0); n];
-    fill(&mut v);
-    v
 }
 
 /// The dims of `t`.
