@@ -90,9 +90,19 @@ impl Units for LlamaUnits {
         Ok(())
     }
 
+    fn shared_params(&self, unit: usize) -> Vec<String> {
+        // A tied head projects with the embedding the first unit owns.
+        let tied = self.model.lm_head.is_none();
+        match self.id(unit) {
+            UnitId::Head if tied => vec!["model.embed_tokens.weight".to_string()],
+            _ => Vec::new(),
+        }
+    }
+
     fn release_unit(&mut self, unit: usize) -> kiln_zero::Result<()> {
-        let id = self.id(unit);
-        self.model = release_params(self.model.clone(), &|p| unit_of(p) == Some(id));
+        let (id, shared) = (self.id(unit), self.shared_params(unit));
+        let release = |p: &str| unit_of(p) == Some(id) || shared.iter().any(|s| s == p);
+        self.model = release_params(self.model.clone(), &release);
         Ok(())
     }
 

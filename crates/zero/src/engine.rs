@@ -7,7 +7,7 @@ use kiln_dist::{Communicator, Element, ReduceOp};
 use kiln_precision::{AdamWConfig, DynamicLossScaler, MasterWeights, ParamGroup, Policy};
 
 use crate::error::{Result, ZeroError};
-use crate::layout::UnitLayout;
+use crate::layout::{DECAY, NO_DECAY, UnitLayout};
 use crate::shard::ShardBuf;
 use crate::units::Units;
 
@@ -47,6 +47,8 @@ pub struct ZeroConfig {
     /// f32 by the communicator, rounded once more and widened into the f32 shard.
     pub policy: Policy,
     pub adamw: AdamWConfig,
+    /// Learning rate and weight decay; the decay applies to matrices only (ndim >= 2), norm
+    /// gains and biases get none (see [`crate::layout::group_of`]).
     pub group: ParamGroup,
     /// Clip gradients to this global L2 norm (after unscaling), torch's `clip_grad_norm_`.
     pub max_grad_norm: Option<f32>,
@@ -134,6 +136,12 @@ pub(crate) struct UnitState {
     pub(crate) frozen_shard: Option<ShardBuf>,
     /// Bytes of the unit's whole parameters in the compute dtype (what a gather materialises).
     pub(crate) whole_bytes: u64,
+    /// Parameters of earlier units this unit computes with (tied weights): (owner, path, bytes
+    /// in the compute dtype).
+    pub(crate) shared: Vec<(usize, String, u64)>,
+    /// Gradients later units computed for this unit's parameters in the current micro-batch,
+    /// added to its own when its backward is done.
+    pub(crate) pending: Vec<(String, TensorData)>,
 }
 
 /// Data-parallel training of a [`Units`] model on one rank.
@@ -179,7 +187,8 @@ impl<U: Units> Engine<U> {
             for (p, _) in &params {
                 if !seen.insert(p.clone()) {
                     return Err(ZeroError::Model(format!(
-                        "{p} is listed by two units (tied weights are not supported)"
+                        "{p} is owned by two units (a tied weight belongs to one unit and is \
+                         listed as shared by the others)"
                     )));
                 }
             }
@@ -193,7 +202,7 @@ impl<U: Units> Engine<U> {
             let mut master = MasterWeights::new(
                 layout.flat.clone(),
                 layout.shard,
-                vec![config.group],
+                param_groups(config.group),
                 config.adamw,
             )?;
             let frozen = UnitLayout::new(
@@ -235,7 +244,31 @@ impl<U: Units> Engine<U> {
                 frozen,
                 frozen_shard,
                 whole_bytes,
+                shared: Vec::new(),
+                pending: Vec::new(),
             });
+        }
+        for u in 0..n {
+            for path in units.shared_params(u) {
+                let owner = (0..u)
+                    .find(|&o| {
+                        state[o].layout.flat.get(&path).is_some()
+                            || state[o].frozen.flat.get(&path).is_some()
+                    })
+                    .ok_or_else(|| {
+                        ZeroError::Model(format!(
+                            "unit {u} shares {path}, which no earlier unit owns"
+                        ))
+                    })?;
+                let o = &state[owner];
+                let entry = o
+                    .layout
+                    .flat
+                    .get(&path)
+                    .or_else(|| o.frozen.flat.get(&path));
+                let bytes = entry.map_or(0, |e| e.numel * compute.size()) as u64;
+                state[u].shared.push((owner, path, bytes));
+            }
         }
         let mut engine = Self {
             scaler: config.policy.loss_scaler(),
@@ -265,10 +298,11 @@ impl<U: Units> Engine<U> {
         &mut self.units
     }
 
-    /// Sets the learning rate of every unit's parameter group (a schedule calls it per step).
+    /// Sets the learning rate of every unit's parameter groups (a schedule calls it per step).
     pub fn set_lr(&mut self, lr: f64) -> Result<()> {
         for s in &mut self.state {
-            s.master.set_lr(0, lr)?;
+            s.master.set_lr(DECAY, lr)?;
+            s.master.set_lr(NO_DECAY, lr)?;
         }
         Ok(())
     }
@@ -542,18 +576,36 @@ impl<U: Units> Engine<U> {
         if !s.frozen.flat.entries().is_empty() {
             values.extend(base.gather(&self.comm, &s.frozen.flat, s.frozen.padded)?);
         }
+        // Tied weights come from their owner's shards (every rank gathers the same ones).
+        let mut shared_bytes = 0;
+        for (owner, path, bytes) in &s.shared {
+            let o = &self.state[*owner];
+            let whole = if o.layout.flat.get(path).is_some() {
+                gather(&self.comm, o, self.config.policy.compute)?
+            } else {
+                let base = o
+                    .frozen_shard
+                    .as_ref()
+                    .expect("stage 3 keeps frozen shards");
+                base.gather(&self.comm, &o.frozen.flat, o.frozen.padded)?
+            };
+            values.extend(whole.into_iter().filter(|(p, _)| p == path));
+            shared_bytes += bytes;
+        }
+        let s = &self.state[unit];
         self.model_bytes += self.comm.traffic().total().bytes_sent - before;
-        self.gathered_live += s.whole_bytes;
+        self.gathered_live += s.whole_bytes + shared_bytes;
         self.gathered_peak = self.gathered_peak.max(self.gathered_live);
         self.units.set_unit_params(unit, values)
     }
 
-    /// Stage 3: drops `unit`'s whole parameters again.
+    /// Stage 3: drops `unit`'s whole parameters (shared ones included) again.
     fn release(&mut self, unit: usize) -> Result<()> {
-        if self.state[unit].frozen_shard.is_none() {
+        let s = &self.state[unit];
+        if s.frozen_shard.is_none() {
             return Ok(());
         }
-        self.gathered_live -= self.state[unit].whole_bytes;
+        self.gathered_live -= s.whole_bytes + s.shared.iter().map(|(_, _, b)| b).sum::<u64>();
         self.units.release_unit(unit)
     }
 
@@ -561,9 +613,21 @@ impl<U: Units> Engine<U> {
     fn unit_done(
         &mut self,
         unit: usize,
-        unit_grads: Vec<(String, TensorData)>,
+        mut unit_grads: Vec<(String, TensorData)>,
         last: bool,
     ) -> Result<()> {
+        // A tied weight's gradient from this unit waits for its owner's backward (later: the
+        // owner is an earlier unit); the owner adds what later units left for it.
+        for k in 0..self.state[unit].shared.len() {
+            let (owner, path, _) = &self.state[unit].shared[k];
+            if let Some(i) = unit_grads.iter().position(|(p, _)| p == path) {
+                let owner = *owner;
+                let g = unit_grads.swap_remove(i);
+                self.state[owner].pending.push(g);
+            }
+        }
+        let pending = std::mem::take(&mut self.state[unit].pending);
+        unit_grads.extend(pending);
         let s = &mut self.state[unit];
         match self.config.stage {
             Stage::Ddp => {
@@ -723,6 +787,14 @@ fn sum_of_squares(xs: &[f32]) -> f64 {
         })
         .collect();
     blocks.iter().sum()
+}
+
+/// AdamW's two groups as users know them: `group` (its weight decay) for matrices, the same
+/// learning rate without decay for norm gains and biases (see [`crate::layout::group_of`]).
+fn param_groups(group: ParamGroup) -> Vec<ParamGroup> {
+    let mut groups = vec![group; 2];
+    groups[NO_DECAY].weight_decay = 0.0;
+    groups
 }
 
 /// All-gathers a unit's master shard in the compute dtype and cuts it into parameters.

@@ -30,12 +30,11 @@ impl UnitLayout {
         world: usize,
         sharded: bool,
     ) -> Result<Self> {
-        let flat = FlatLayout::new(
-            params
-                .iter()
-                .filter(|(p, _)| trainable(p))
-                .map(|(p, d)| (p.clone(), d.shape().as_slice().to_vec(), 0)),
-        )?;
+        let flat = FlatLayout::new(params.iter().filter(|(p, _)| trainable(p)).map(|(p, d)| {
+            let shape = d.shape().as_slice().to_vec();
+            let group = group_of(&shape);
+            (p.clone(), shape, group)
+        }))?;
         let (padded, shard) = if sharded {
             (flat.padded_numel(world), flat.shard(rank, world)?)
         } else {
@@ -48,6 +47,18 @@ impl UnitLayout {
         })
     }
 }
+
+/// The AdamW group of a parameter of `shape`: [`DECAY`] for matrices (ndim >= 2: projections,
+/// embeddings), [`NO_DECAY`] for vectors (norm gains, biases), the rule of nanoGPT and of Hugging
+/// Face's trainer.
+pub fn group_of(shape: &[usize]) -> usize {
+    if shape.len() >= 2 { DECAY } else { NO_DECAY }
+}
+
+/// Index of the weight-decayed parameter group (see [`group_of`]).
+pub const DECAY: usize = 0;
+/// Index of the parameter group without weight decay.
+pub const NO_DECAY: usize = 1;
 
 #[cfg(test)]
 mod tests {

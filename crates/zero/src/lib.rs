@@ -59,7 +59,7 @@ pub use estimate::{
     ActivationShape, Estimate, activation_bytes, estimate, estimate_table, estimate_table_with,
     gathered_bytes,
 };
-pub use layout::UnitLayout;
+pub use layout::{DECAY, NO_DECAY, UnitLayout, group_of};
 pub use units::{
     Units, load_params, named_grads, named_params, named_params_where, release_params,
 };

@@ -19,16 +19,23 @@ pub trait Units {
     /// Number of units, at least 2 (the first unit and the loss unit).
     fn num_units(&self) -> usize;
 
-    /// Every float parameter of `unit`, by HF path, in a fixed order (the same on every rank).
+    /// Every float parameter `unit` owns, by HF path, in a fixed order (the same on every rank).
     fn unit_params(&self, unit: usize) -> Result<Vec<(String, TensorData)>>;
+
+    /// Parameters that `unit` also computes with but an earlier unit owns, by HF path: tied
+    /// weights, such as the embedding a tied head reuses. The engine gives the owner the
+    /// gradient of every use, and under stage 3 gathers them with `unit` too. Default: none.
+    fn shared_params(&self, _unit: usize) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Replaces parameters of `unit` by path; the data's dtype is the new compute dtype. Under
     /// stage 3 this brings back the whole parameters of a released unit.
     fn set_unit_params(&mut self, unit: usize, values: Vec<(String, TensorData)>) -> Result<()>;
 
-    /// Drops the values of every parameter of `unit` (stage 3 holds a unit's whole parameters
-    /// only while it runs); [`release_params`] does it for a burn module. Until the next
-    /// [`set_unit_params`](Self::set_unit_params) the unit is not run.
+    /// Drops the values of every parameter of `unit`, its shared ones included (stage 3 holds a
+    /// unit's whole parameters only while it runs); [`release_params`] does it for a burn
+    /// module. Until the next [`set_unit_params`](Self::set_unit_params) the unit is not run.
     fn release_unit(&mut self, unit: usize) -> Result<()>;
 
     /// Forward of `unit` in `0..num_units() - 1`; `input` is `None` for unit 0.

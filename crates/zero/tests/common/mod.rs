@@ -146,9 +146,19 @@ impl Units for LlamaUnits {
         Ok(())
     }
 
+    fn shared_params(&self, unit: usize) -> Vec<String> {
+        // A tied head projects with the embedding the first unit owns.
+        let tied = self.model.lm_head.is_none();
+        match self.id(unit) {
+            UnitId::Head if tied => vec!["model.embed_tokens.weight".to_string()],
+            _ => Vec::new(),
+        }
+    }
+
     fn release_unit(&mut self, unit: usize) -> Result<()> {
-        let id = self.id(unit);
-        self.model = release_params(self.model.clone(), &|p| unit_of(p) == Some(id));
+        let (id, shared) = (self.id(unit), self.shared_params(unit));
+        let release = |p: &str| unit_of(p) == Some(id) || shared.iter().any(|s| s == p);
+        self.model = release_params(self.model.clone(), &release);
         Ok(())
     }
 
@@ -220,8 +230,23 @@ pub fn reference(
 ) -> (Vec<f32>, HashMap<String, Vec<f32>>) {
     let config = tiny();
     let model = Llama::random(&config, SEED, &device(), DType::F32).unwrap();
-    let mut master =
-        master_weights_for(&model, |_| 0, vec![group], AdamWConfig::default()).unwrap();
+    // AdamW's groups as the engine makes them: decay on matrices, none on norm gains.
+    let ndim: HashMap<String, usize> = named_params(&model)
+        .unwrap()
+        .into_iter()
+        .map(|(p, d)| (p, d.shape().len()))
+        .collect();
+    let no_decay = ParamGroup {
+        weight_decay: 0.0,
+        ..group
+    };
+    let mut master = master_weights_for(
+        &model,
+        |p| kiln_zero::group_of(&vec![1; ndim[p]]),
+        vec![group, no_decay],
+        AdamWConfig::default(),
+    )
+    .unwrap();
     let mut model = cast_module(model, policy.compute);
     let mut scaler = policy.loss_scaler();
     let mut losses = vec![];
