@@ -196,7 +196,7 @@ fn the_engine_follows_the_torch_trajectory_under_every_stage_and_rank_count() {
     let rows = f.num("batch") as usize;
     let loss_tol = f.meta["tolerances"]["loss_rel"].as_f64().unwrap_or(1e-5);
     let (want_loss, want_norm) = (&f.get("loss").1, &f.get("grad_norm").1);
-    let worlds: Vec<usize> = (1..=rows).filter(|n| rows % n == 0).collect();
+    let worlds: Vec<usize> = (1..=rows).filter(|n| rows.is_multiple_of(*n)).collect();
     for stage in [Stage::Ddp, Stage::One, Stage::Two, Stage::Three] {
         for &world in &worlds {
             let what = format!("{stage:?} N={world}");
