@@ -32,7 +32,12 @@ pub fn rope(x: Tensor<3>, cos: Tensor<2>, sin: Tensor<2>, heads: usize) -> Tenso
     let x2 = x.clone().narrow(3, half, half);
     let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
     let dtype = x.dtype();
-    let table = |t: Tensor<2>| t.cast(dtype).reshape([1, s, 1, d]);
+    // A row per position (`[s, d]`) or per token (`[b·s, d]`, packed sequences).
+    let per_token = cos.dims()[0] == b * s && b > 1;
+    let table = |t: Tensor<2>| {
+        t.cast(dtype)
+            .reshape([if per_token { b } else { 1 }, s, 1, d])
+    };
     (x * table(cos) + rotated * table(sin)).reshape([b, s, f])
 }
 

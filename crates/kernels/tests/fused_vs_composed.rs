@@ -188,6 +188,21 @@ fn rope_equals_rotate_half() {
     }
 }
 
+/// Packed rows: a table row per token (`[batch·seq, d]`), each token at its own position.
+#[test]
+fn rope_with_a_table_row_per_token_equals_rotate_half() {
+    for dtype in DTYPES {
+        let (cos, sin) = tables(2 * 5, 8);
+        check(
+            "rope per token",
+            dtype,
+            &[input([2, 5, 24], 17, dtype)],
+            |v| kiln_kernels::rope(v[0].clone(), cos.clone(), sin.clone(), 3),
+            |v| composed::rope(v[0].clone(), cos.clone(), sin.clone(), 3),
+        );
+    }
+}
+
 /// Causal, with the first two keys of batch row 1 padded (its query 0 and 1 see no key).
 fn mask(batch: usize, seq: usize) -> Tensor<4, Bool> {
     let mut m = Vec::new();
@@ -245,6 +260,37 @@ fn attention_with_rotary_equals_rope_then_attention() {
                 input([b, s, heads * d], 12, dtype).mul_scalar(3.0),
                 input([b, s, kv_heads * d], 13, dtype).mul_scalar(3.0),
                 input([b, s, kv_heads * d], 14, dtype),
+            ],
+            |v| {
+                let (q, k, vv) = split(v);
+                let rotary = Some((cos.clone(), sin.clone()));
+                kiln_kernels::attention(q, k, vv, m.clone(), rotary, heads, kv_heads, scale)
+            },
+            |v| {
+                let (q, k, vv) = split(v);
+                let q = composed::rope(q, cos.clone(), sin.clone(), heads);
+                let k = composed::rope(k, cos.clone(), sin.clone(), kv_heads);
+                composed::attention(q, k, vv, m.clone(), heads, kv_heads, scale)
+            },
+        );
+    }
+}
+
+#[test]
+fn attention_with_per_token_rotary_equals_rope_then_attention() {
+    for dtype in DTYPES {
+        let (b, s, d, heads, kv_heads) = (3, 33, 8, 4, 2);
+        let m = mask(b, s);
+        let (cos, sin) = tables(b * s, d);
+        let split = |v: Vec<Tensor<3>>| (v[0].clone(), v[1].clone(), v[2].clone());
+        let scale = (d as f64).powf(-0.5);
+        check(
+            "attention with per-token rope",
+            dtype,
+            &[
+                input([b, s, heads * d], 22, dtype).mul_scalar(3.0),
+                input([b, s, kv_heads * d], 23, dtype).mul_scalar(3.0),
+                input([b, s, kv_heads * d], 24, dtype),
             ],
             |v| {
                 let (q, k, vv) = split(v);

@@ -171,7 +171,8 @@ pub struct Llama {
 /// the dropout of LoRA adapters.
 #[derive(Debug, Clone)]
 pub struct Context {
-    /// `[seq, head_dim]`, in the compute dtype.
+    /// `[seq, head_dim]` (one row per position), or `[batch · seq, head_dim]` (one per token,
+    /// for packed rows: see [`Context::packed`]), in the compute dtype.
     pub cos: Tensor<2>,
     pub sin: Tensor<2>,
     /// `[batch, 1, seq, past + seq]`, true where a query may not attend to a key (future or
@@ -243,6 +244,59 @@ impl Context {
         })
     }
 
+    /// The context of packed rows: several examples per row, told apart by `segments`
+    /// (`[batch, seq]`, 1, 2, ... per example, 0 for padding), with `positions` (`[batch, seq]`)
+    /// restarting at 0 in each example. A query attends to the keys of its own example up to
+    /// itself (causal, blocked between examples), and each token is rotated by its own position
+    /// (the rotary tables are `[batch · seq, head_dim]`), so a packed row computes every example
+    /// as if it were alone in its row.
+    pub fn packed(
+        config: &LlamaConfig,
+        batch: usize,
+        seq: usize,
+        segments: &[u32],
+        positions: &[i64],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let n = batch * seq;
+        if segments.len() != n || positions.len() != n {
+            return Err(ModelError::Input(format!(
+                "packed rows: {} segment ids and {} positions for {batch}x{seq} tokens",
+                segments.len(),
+                positions.len()
+            )));
+        }
+        let max = config.max_position_embeddings as i64;
+        if let Some(&p) = positions.iter().find(|&&p| !(0..max).contains(&p)) {
+            return Err(ModelError::Input(format!(
+                "packed rows: position {p} outside 0..{max} (max_position_embeddings)"
+            )));
+        }
+        let (cos, sin) = rope_at(config, positions);
+        let d = config.head_dim;
+        let table = |v: Vec<f32>| {
+            Tensor::<2>::from_data(TensorData::new(v, [n, d]), (device, DType::F32)).cast(dtype)
+        };
+        let mut mask = vec![true; batch * seq * seq];
+        for b in 0..batch {
+            let seg = &segments[b * seq..(b + 1) * seq];
+            for q in 0..seq {
+                for k in 0..=q {
+                    mask[(b * seq + q) * seq + k] = seg[k] != seg[q] || seg[q] == 0;
+                }
+            }
+        }
+        let mask =
+            Tensor::<4, Bool>::from_data(TensorData::new(mask, [batch, 1, seq, seq]), device);
+        Ok(Self {
+            cos: table(cos),
+            sin: table(sin),
+            mask,
+            adapter_dropout: None,
+        })
+    }
+
     /// This context in training, with adapter dropout (see [`AdapterDropout`]).
     pub fn with_adapter_dropout(self, dropout: AdapterDropout) -> Self {
         Self {
@@ -255,6 +309,12 @@ impl Context {
 /// `cos` and `sin` of `position · inv_freq` for positions `start..start + seq`, `[seq, head_dim]`
 /// row-major, in f32 as HF computes them.
 fn rope_tables(config: &LlamaConfig, start: usize, seq: usize) -> (Vec<f32>, Vec<f32>) {
+    let positions: Vec<i64> = (start..start + seq).map(|p| p as i64).collect();
+    rope_at(config, &positions)
+}
+
+/// [`rope_tables`] for any positions, one table row per position.
+fn rope_at(config: &LlamaConfig, positions: &[i64]) -> (Vec<f32>, Vec<f32>) {
     let d = config.head_dim;
     let theta = config.rope_theta as f32;
     let mut inv_freq: Vec<f32> = (0..d / 2)
@@ -283,8 +343,9 @@ fn rope_tables(config: &LlamaConfig, start: usize, seq: usize) -> (Vec<f32>, Vec
             } as f32;
         }
     }
-    let (mut cos, mut sin) = (Vec::with_capacity(seq * d), Vec::with_capacity(seq * d));
-    for pos in start..start + seq {
+    let n = positions.len();
+    let (mut cos, mut sin) = (Vec::with_capacity(n * d), Vec::with_capacity(n * d));
+    for &pos in positions {
         // HF's `emb = cat(freqs, freqs)`: both halves of a row use the same frequencies.
         for _ in 0..2 {
             for &f in &inv_freq {

@@ -139,3 +139,61 @@ fn random_init_is_deterministic_and_seeded() {
             .all(|&v| v == 1.0)
     );
 }
+
+/// Two examples packed into one row (segments 1, 2, positions restarting at 0) give each
+/// example's logits as if it were alone in its row, in f32 and bf16, with padding after them.
+#[test]
+fn a_packed_row_computes_each_example_alone() {
+    let device = Device::flex();
+    let config = tiny(2);
+    for dtype in [DType::F32, DType::BF16] {
+        let model = Llama::random(&config, 5, &device, dtype).unwrap();
+        let (a, b, pad) = (7usize, 5usize, 2usize);
+        let seq = a + b + pad;
+        let tokens: Vec<i64> = (0..seq).map(|i| ((i * 5 + 1) % 48) as i64).collect();
+        let segments: Vec<u32> = (0..seq)
+            .map(|i| {
+                if i < a {
+                    1
+                } else if i < a + b {
+                    2
+                } else {
+                    0
+                }
+            })
+            .collect();
+        let positions: Vec<i64> = (0..seq)
+            .map(|i| if i < a { i } else if i < a + b { i - a } else { 0 } as i64)
+            .collect();
+        let ctx = Context::packed(&config, 1, seq, &segments, &positions, &device, dtype).unwrap();
+        let row = Tensor::<2, Int>::from_data(TensorData::new(tokens.clone(), [1, seq]), &device);
+        let packed = to_vec(model.forward(row, &ctx));
+        let vocab = config.vocab_size;
+        for (start, len) in [(0, a), (a, b)] {
+            let alone = Tensor::<2, Int>::from_data(
+                TensorData::new(tokens[start..start + len].to_vec(), [1, len]),
+                &device,
+            );
+            let ctx = Context::new(&config, 1, len, None, &device, dtype).unwrap();
+            let want = to_vec(model.forward(alone, &ctx));
+            let got = &packed[start * vocab..(start + len) * vocab];
+            let tol = if dtype == DType::F32 { 1e-5 } else { 3e-2 } * max_abs(&want).max(1.0);
+            let diff = max_abs_diff(got, &want);
+            assert!(
+                diff <= tol,
+                "{dtype:?}: example at {start}: {diff} (tolerance {tol})"
+            );
+        }
+    }
+}
+
+#[test]
+fn packed_rows_reject_positions_outside_the_model() {
+    let device = Device::flex();
+    let config = tiny(2);
+    let max = config.max_position_embeddings as i64;
+    let err = Context::packed(&config, 1, 2, &[1, 1], &[0, max], &device, DType::F32).unwrap_err();
+    assert!(err.to_string().contains("max_position_embeddings"), "{err}");
+    let err = Context::packed(&config, 1, 3, &[1, 1], &[0, 1], &device, DType::F32).unwrap_err();
+    assert!(err.to_string().contains("segment ids"), "{err}");
+}

@@ -26,16 +26,22 @@ pub(crate) struct Dims<'a> {
     pub scale: f32,
     /// Whether the mask has one `[seq, keys]` plane per batch row (else one for all).
     pub mask_per_batch: bool,
-    /// Rotary tables `cos`, `sin` (`[seq, d]`, f32) when `q` and `k` come unrotated: each head's
+    /// Rotary tables `cos`, `sin` (`[seq, d]` or `[batch·seq, d]`, f32) when `q` and `k` come
+    /// unrotated: each head's
     /// rows are rotated as they are read, and its gradients rotated back, so the rotated `q` and
     /// `k` never exist as tensors.
     pub rope: Option<(&'a [f32], &'a [f32])>,
 }
 
 impl Dims<'_> {
-    /// One head's rows rotated by position (see [`Dims::rope`]); nothing without tables.
-    fn rotate(&self, rows: &mut [f32], inverse: bool) {
+    /// One head's rows of batch row `b` rotated by position (see [`Dims::rope`]); nothing
+    /// without tables. Tables have a row per position (`[seq, d]`) or per token
+    /// (`[batch·seq, d]`, packed sequences).
+    fn rotate(&self, rows: &mut [f32], b: usize, inverse: bool) {
         if let Some((cos, sin)) = self.rope {
+            let len = self.seq * self.head_dim;
+            let at = if cos.len() > len { b * len } else { 0 };
+            let (cos, sin) = (&cos[at..at + len], &sin[at..at + len]);
             super::rope::rotate_head(rows, cos, sin, self.head_dim, inverse);
         }
     }
@@ -142,7 +148,7 @@ fn head_forward<E: Elem>(
     } = dims;
     let kvh = h / dims.groups();
     let mut qs = gather(q, b * seq * dims.q_row() + h * d, dims.q_row(), seq, d);
-    dims.rotate(&mut qs, false);
+    dims.rotate(&mut qs, b, false);
     let mut ks = gather(
         k,
         b * keys * dims.kv_row() + kvh * d,
@@ -150,7 +156,7 @@ fn head_forward<E: Elem>(
         keys,
         d,
     );
-    dims.rotate(&mut ks, false);
+    dims.rotate(&mut ks, b, false);
     let kt = transpose(&ks, keys, d);
     let vs = gather(
         v,
@@ -337,7 +343,7 @@ fn kv_backward<E: Elem>(
     } = dims;
     let kv_base = b * keys * dims.kv_row() + kvh * d;
     let mut ks = gather(k, kv_base, dims.kv_row(), keys, d);
-    dims.rotate(&mut ks, false);
+    dims.rotate(&mut ks, b, false);
     let kt = transpose(&ks, keys, d);
     let vt = transpose(&gather(v, kv_base, dims.kv_row(), keys, d), keys, d);
     let plane = dims.mask_plane(mask, b);
@@ -350,7 +356,7 @@ fn kv_backward<E: Elem>(
         let h = kvh * dims.groups() + j;
         let q_base = b * seq * dims.q_row() + h * d;
         let mut qs = gather(q, q_base, dims.q_row(), seq, d);
-        dims.rotate(&mut qs, false);
+        dims.rotate(&mut qs, b, false);
         let dos = gather(dout, q_base, dims.q_row(), seq, d);
         let st = &stats[(b * heads + h) * seq * 2..(b * heads + h + 1) * seq * 2];
         let mut dqh = vec![0.0f32; seq * d];
@@ -388,10 +394,10 @@ fn kv_backward<E: Elem>(
             );
             small::matmul(dp, 1, w, q_blk, d, &mut dk, d, (w, d, rows), true);
         }
-        dims.rotate(&mut dqh, true);
+        dims.rotate(&mut dqh, b, true);
         dq.push(dqh);
     }
-    dims.rotate(&mut dk, true);
+    dims.rotate(&mut dk, b, true);
     KvGrads { dq, dk, dv }
 }
 

@@ -217,13 +217,18 @@ pub(crate) fn rope(
         "rope: expected [batch, seq, heads·d], got {shape:?}"
     );
     let (cos, sin) = (floats(cos), floats(sin));
-    let seq = shape[1];
-    assert_eq!(
-        cos.len() * heads,
-        seq * shape[2],
-        "rope: tables do not match [seq, heads·d] = {shape:?}"
+    let (batch, seq) = (shape[0], shape[1]);
+    let d = shape[2] / heads.max(1);
+    let rows = cos.len() / d.max(1);
+    assert!(
+        d > 0
+            && cos.len() == rows * d
+            && sin.len() == cos.len()
+            && (rows == seq || rows == batch * seq),
+        "rope: tables of {} values for [batch {batch}, seq {seq}, heads {heads} · d {d}]",
+        cos.len()
     );
-    with_elem!(x.dtype(), E => tensor(shape, rope::apply::<E>(slice::<E>(&x), &cos, &sin, seq, heads, inverse)))
+    with_elem!(x.dtype(), E => tensor(shape, rope::apply::<E>(slice::<E>(&x), &cos, &sin, d, heads, inverse)))
 }
 
 /// The attention's shapes from its inputs (see [`attention::Dims`]).
@@ -291,8 +296,12 @@ fn tables(
 ) -> Option<(Vec<f32>, Vec<f32>)> {
     rotary.then(|| {
         let (c, s) = (floats(cos), floats(sin));
+        let rows = c.len() / d.head_dim.max(1);
         assert!(
-            d.keys == d.seq && c.len() == d.seq * d.head_dim && s.len() == c.len(),
+            d.keys == d.seq
+                && c.len() == rows * d.head_dim
+                && (rows == d.seq || rows == d.batch * d.seq)
+                && s.len() == c.len(),
             "attention: rotary tables for {} positions of {} (keys {})",
             d.seq,
             d.head_dim,

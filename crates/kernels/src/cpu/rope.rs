@@ -5,25 +5,33 @@ use super::elem::{Elem, kernel};
 use super::parallel::for_rows;
 
 /// `y = x·cos + rotate_half(x)·sin` for rows `b·seq + s` of `heads · d` elements, with tables
-/// `cos`, `sin` of `[seq, d]` (f32). `inverse` applies the transpose of the rotation (the
-/// backward: `dx₁ = dy₁·cos₁ + dy₂·sin₂`, `dx₂ = dy₂·cos₂ − dy₁·sin₁`).
+/// `cos`, `sin` (f32) of `[seq, d]` (row `s` for position `s` of every batch row) or
+/// `[batch·seq, d]` (a row per token: packed sequences). `inverse` applies the transpose of the
+/// rotation (the backward: `dx₁ = dy₁·cos₁ + dy₂·sin₂`, `dx₂ = dy₂·cos₂ − dy₁·sin₁`).
 pub(crate) fn apply<E: Elem>(
     x: &[E],
     cos: &[f32],
     sin: &[f32],
-    seq: usize,
+    d: usize,
     heads: usize,
     inverse: bool,
 ) -> Vec<E> {
-    let d = cos.len() / seq.max(1);
     let row = heads * d;
     let mut y = vec![E::from_f32(0.0); x.len()];
     if row == 0 {
         return y;
     }
+    // Token r reads table row r mod (table rows): the position within its row for `[seq, d]`
+    // tables, the token itself for `[batch·seq, d]` ones.
+    let table_rows = cos.len() / d;
     for_rows(&mut y, row, |first, y| {
         let n = y.len() / row;
-        let tables = Tables { cos, sin, seq, d };
+        let tables = Tables {
+            cos,
+            sin,
+            rows: table_rows,
+            d,
+        };
         rows(
             &x[first * row..(first + n) * row],
             tables,
@@ -40,7 +48,7 @@ pub(crate) fn apply<E: Elem>(
 struct Tables<'a> {
     cos: &'a [f32],
     sin: &'a [f32],
-    seq: usize,
+    rows: usize,
     d: usize,
 }
 
@@ -48,7 +56,7 @@ kernel! {
     fn rows<E>(x: &[E], t: Tables<'_>, row: usize, first: usize, inverse: bool, y: &mut [E]) {
         let (d, half) = (t.d, t.d / 2);
         for (r, (xr, yr)) in x.chunks_exact(row).zip(y.chunks_exact_mut(row)).enumerate() {
-            let pos = (first + r) % t.seq;
+            let pos = (first + r) % t.rows;
             let cos = &t.cos[pos * d..(pos + 1) * d];
             let sin = &t.sin[pos * d..(pos + 1) * d];
             for (xh, yh) in xr.chunks_exact(d).zip(yr.chunks_exact_mut(d)) {
