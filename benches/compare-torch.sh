@@ -92,8 +92,8 @@ row() {  # label kiln-name torch-json kiln-args...
 t1=$(torch --ranks 1)
 row "f32, 1 rank" f32-1r "$t1"
 t2=$(torch --ranks 2)
-row "f32, 2 ranks (kiln ZeRO-3, torch DDP)" f32-2r "$t2" --set dist.world_size=2 --set zero.stage=3 --set zero.recompute=false
-row "f32, 2 ranks, kiln with recompute" f32-2r-recompute "$t2" --set dist.world_size=2 --set zero.stage=3 --set zero.recompute=true
+row "f32, 2 ranks (kiln ZeRO-3, torch DDP)" f32-2r "$t2" --set dist.world_size=2 --set train.micro_batch=4 --set zero.stage=3 --set zero.recompute=false
+row "f32, 2 ranks, kiln with recompute" f32-2r-recompute "$t2" --set dist.world_size=2 --set train.micro_batch=4 --set zero.stage=3 --set zero.recompute=true
 tb=$(torch --ranks 1 --dtype bf16)
 row "bf16, 1 rank (torch autocast)" bf16-1r "$tb" --set precision.compute=\"bf16\"
 echo

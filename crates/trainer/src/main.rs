@@ -13,7 +13,26 @@ use kiln_trainer::commands;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc v3's option numbers (`mi_option_e` in its `mimalloc.h`; the Rust bindings name only
+/// v2's).
+const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// By default mimalloc hands freed memory back to the kernel after 10 ms (purge) and commits
+/// arena memory on demand, so the next step's buffers fault in as fresh zeroed pages again
+/// (~800 page faults a step on the reference Llama, `clear_page` 10% of samples). A training
+/// process reuses the same sizes every step and its peak is its steady state: keep what it has
+/// and commit arenas at once (measured +3-5% tokens/s, page faults 36k -> 580 over 40 steps).
+fn keep_freed_memory() {
+    // SAFETY: plain setters of mimalloc's global options, valid at any time.
+    unsafe {
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, -1);
+        libmimalloc_sys::mi_option_set(MI_OPTION_ARENA_EAGER_COMMIT, 1);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
