@@ -144,6 +144,28 @@ impl AdamW {
         grads: &[f32],
         segments: impl IntoIterator<Item = (Range<usize>, ParamGroup)>,
     ) -> Result<()> {
+        self.run(params, Grads::Read(grads), segments)
+    }
+
+    /// [`AdamW::step`] with the gradients multiplied by `grad_scale` as they are read (a
+    /// clipping coefficient: the same value as scaling them first) and cleared behind the read
+    /// for the next accumulation, all in the one pass over the state.
+    pub fn step_and_clear(
+        &mut self,
+        params: &mut [f32],
+        grads: &mut [f32],
+        grad_scale: f32,
+        segments: impl IntoIterator<Item = (Range<usize>, ParamGroup)>,
+    ) -> Result<()> {
+        self.run(params, Grads::Take(grads, grad_scale), segments)
+    }
+
+    fn run(
+        &mut self,
+        params: &mut [f32],
+        mut grads: Grads<'_>,
+        segments: impl IntoIterator<Item = (Range<usize>, ParamGroup)>,
+    ) -> Result<()> {
         let len = self.state.exp_avg.len();
         check_len("adamw params", len, params.len())?;
         check_len("adamw grads", len, grads.len())?;
@@ -163,14 +185,40 @@ impl AdamW {
             // Elementwise, so splitting over the rank's compute threads changes nothing in the
             // result.
             const CHUNK: usize = 1 << 15;
-            params[r.clone()]
-                .par_chunks_mut(CHUNK)
-                .zip(grads[r.clone()].par_chunks(CHUNK))
-                .zip(self.state.exp_avg[r.clone()].par_chunks_mut(CHUNK))
-                .zip(self.state.exp_avg_sq[r].par_chunks_mut(CHUNK))
-                .for_each(|(((p, g), m), v)| adamw_kernel(p, g, m, v, &coeffs));
+            let p = params[r.clone()].par_chunks_mut(CHUNK);
+            let m = self.state.exp_avg[r.clone()].par_chunks_mut(CHUNK);
+            let v = self.state.exp_avg_sq[r.clone()].par_chunks_mut(CHUNK);
+            match &mut grads {
+                Grads::Read(g) => p
+                    .zip(g[r].par_chunks(CHUNK))
+                    .zip(m)
+                    .zip(v)
+                    .for_each(|(((p, g), m), v)| adamw_kernel(p, g, m, v, &coeffs)),
+                Grads::Take(g, scale) => {
+                    let scale = *scale;
+                    p.zip(g[r].par_chunks_mut(CHUNK))
+                        .zip(m)
+                        .zip(v)
+                        .for_each(|(((p, g), m), v)| adamw_take_kernel(p, g, scale, m, v, &coeffs))
+                }
+            }
         }
         Ok(())
+    }
+}
+
+/// The gradients a step reads: as they are, or scaled and cleared behind the read.
+enum Grads<'a> {
+    Read(&'a [f32]),
+    Take(&'a mut [f32], f32),
+}
+
+impl Grads<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Grads::Read(g) => g.len(),
+            Grads::Take(g, _) => g.len(),
+        }
     }
 }
 
@@ -210,22 +258,93 @@ impl Coeffs {
 #[inline]
 fn adamw_kernel(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: &Coeffs) {
     for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        // param.mul_(1 - lr * weight_decay)
-        let mut pv = *p * k.decay;
-        // exp_avg.lerp_(grad, w = 1 - beta1), with torch's two formulas
-        let mv = if k.lerp_small_weight {
-            *m + k.one_minus_beta1 * (g - *m)
-        } else {
-            g - (g - *m) * (1.0 - k.one_minus_beta1)
-        };
-        // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        let vv = *v * k.beta2 + k.one_minus_beta2 * g * g;
-        // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-        let denom = vv.sqrt() / k.bias_correction2_sqrt + k.eps;
-        // param.addcdiv_(exp_avg, denom, value=-step_size)
-        pv += k.neg_step_size * mv / denom;
-        *p = pv;
-        *m = mv;
-        *v = vv;
+        adamw_one(p, g, m, v, k);
+    }
+}
+
+#[inline]
+fn adamw_take_kernel(
+    p: &mut [f32],
+    g: &mut [f32],
+    scale: f32,
+    m: &mut [f32],
+    v: &mut [f32],
+    k: &Coeffs,
+) {
+    for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+        // `scale` is 1 (exact) or the clipping coefficient torch multiplies the gradient by.
+        let gv = *g * scale;
+        *g = 0.0;
+        adamw_one(p, gv, m, v, k);
+    }
+}
+
+/// One element of torch's single-tensor AdamW (`_single_tensor_adamw`, decoupled decay).
+#[inline(always)]
+fn adamw_one(p: &mut f32, g: f32, m: &mut f32, v: &mut f32, k: &Coeffs) {
+    // param.mul_(1 - lr * weight_decay)
+    let mut pv = *p * k.decay;
+    // exp_avg.lerp_(grad, w = 1 - beta1), with torch's two formulas
+    let mv = if k.lerp_small_weight {
+        *m + k.one_minus_beta1 * (g - *m)
+    } else {
+        g - (g - *m) * (1.0 - k.one_minus_beta1)
+    };
+    // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    let vv = *v * k.beta2 + k.one_minus_beta2 * g * g;
+    // denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    let denom = vv.sqrt() / k.bias_correction2_sqrt + k.eps;
+    // param.addcdiv_(exp_avg, denom, value=-step_size)
+    pv += k.neg_step_size * mv / denom;
+    *p = pv;
+    *m = mv;
+    *v = vv;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused pass (scale as read, clear behind) is the plain step on pre-scaled gradients,
+    /// bit for bit, over several steps and two groups, and leaves the gradients at zero.
+    #[test]
+    fn step_and_clear_equals_scaling_first_then_stepping() {
+        let n = 70_000; // more than one parallel chunk
+        let grads: Vec<f32> = (0..n)
+            .map(|i| ((i * 37) % 101) as f32 * 0.01 - 0.5)
+            .collect();
+        let groups = [
+            ParamGroup {
+                lr: 1e-2,
+                weight_decay: 0.1,
+            },
+            ParamGroup {
+                lr: 1e-2,
+                weight_decay: 0.0,
+            },
+        ];
+        let segments = || [(0..40_000, groups[0]), (40_000..n, groups[1])];
+        let (mut fused, mut plain) = (
+            AdamW::new(AdamWConfig::default(), n).unwrap(),
+            AdamW::new(AdamWConfig::default(), n).unwrap(),
+        );
+        let (mut p_fused, mut p_plain) = (vec![0.3f32; n], vec![0.3f32; n]);
+        for (step, scale) in [1.0f32, 0.37, 1.0, 0.8].into_iter().enumerate() {
+            let mut g = grads
+                .iter()
+                .map(|x| x * (step + 1) as f32)
+                .collect::<Vec<_>>();
+            let scaled: Vec<f32> = g.iter().map(|x| x * scale).collect();
+            fused
+                .step_and_clear(&mut p_fused, &mut g, scale, segments())
+                .unwrap();
+            plain.step(&mut p_plain, &scaled, segments()).unwrap();
+            assert!(
+                g.iter().all(|&x| x == 0.0),
+                "step {step}: gradients cleared"
+            );
+            assert_eq!(p_fused, p_plain, "step {step}: parameters");
+            assert_eq!(fused.state().exp_avg_sq, plain.state().exp_avg_sq);
+        }
     }
 }

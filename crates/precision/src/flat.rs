@@ -120,9 +120,43 @@ pub fn has_non_finite(buf: &[f32]) -> bool {
     bad != 0
 }
 
+/// `Σ x²` of one block in f64, over 8 lanes (element `i` into lane `i mod 8`) added at the
+/// end: the same value on every CPU, compiled for AVX2 where the CPU has it.
+pub fn sum_of_squares(block: &[f32]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { x86::sum_of_squares_avx2(block) };
+    }
+    sum_of_squares_loop(block)
+}
+
+#[inline(always)]
+fn sum_of_squares_loop(block: &[f32]) -> f64 {
+    let mut acc = [0.0f64; 8];
+    let lanes = block.chunks_exact(8);
+    let rest = lanes.remainder();
+    for c in lanes {
+        for i in 0..8 {
+            acc[i] += f64::from(c[i]) * f64::from(c[i]);
+        }
+    }
+    for (i, &x) in rest.iter().enumerate() {
+        acc[i] += f64::from(x) * f64::from(x);
+    }
+    acc.iter().sum::<f64>()
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use half::{bf16, f16};
+
+    /// [`super::sum_of_squares_loop`] compiled with AVX2 (no FMA: the same roundings as the
+    /// portable loop).
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn sum_of_squares_avx2(block: &[f32]) -> f64 {
+        super::sum_of_squares_loop(block)
+    }
 
     #[target_feature(enable = "avx2")]
     pub(super) fn f32_to_bf16_avx2(src: &[f32], dst: &mut [bf16]) {

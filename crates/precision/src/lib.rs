@@ -36,11 +36,12 @@ mod scaler;
 pub use adamw::{AdamW, AdamWConfig, AdamWState, ParamGroup};
 pub use error::{PrecisionError, Result};
 pub use flat::{
-    bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, has_non_finite, unscale_and_check,
+    bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, has_non_finite, sum_of_squares,
+    unscale_and_check,
 };
 pub use master::{FlatEntry, FlatLayout, MasterWeights, Shard, StepOutcome};
 pub use module::{
     NamedParam, Policy, cast_module, collect_grads, collect_params, collect_params_where,
-    master_weights_for, param_paths, write_back,
+    master_weights_for, param_counts, param_paths, write_back,
 };
 pub use scaler::{DynamicLossScaler, ScaleWarning, ScalerConfig, ScalerState, ScalerUpdate};

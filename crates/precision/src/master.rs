@@ -368,14 +368,32 @@ impl MasterWeights {
     /// Runs the AdamW step in f32 unless `found_inf` (the flag agreed by all ranks), then zeroes
     /// the gradients either way. Returns whether the step ran.
     pub fn apply(&mut self, found_inf: bool) -> Result<bool> {
+        self.apply_scaled(found_inf, 1.0)
+    }
+
+    /// [`apply`](Self::apply) with the gradients multiplied by `grad_scale` (gradient clipping's
+    /// coefficient) inside the step's one pass, which also clears them.
+    pub fn apply_scaled(&mut self, found_inf: bool, grad_scale: f32) -> Result<bool> {
         let stepped = !found_inf;
         if stepped {
             let groups = &self.groups;
             let segments = self.segments.iter().map(|(r, g)| (r.clone(), groups[*g]));
-            self.optimizer
-                .step(&mut self.params, &self.grads, segments)?;
+            self.optimizer.step_and_clear(
+                &mut self.params,
+                &mut self.grads,
+                grad_scale,
+                segments,
+            )?;
+            // Elements outside every segment (shard padding) were not read: clear them too.
+            let mut at = 0;
+            for (r, _) in &self.segments {
+                self.grads[at..r.start.max(at)].fill(0.0);
+                at = at.max(r.end);
+            }
+            self.grads[at..].fill(0.0);
+        } else {
+            self.zero_grads();
         }
-        self.zero_grads();
         Ok(stepped)
     }
 

@@ -168,6 +168,33 @@ pub fn param_paths<M: Module>(module: &M) -> Vec<String> {
     v.out
 }
 
+/// Path and element count of every float parameter, in visit order: the values are not read
+/// (counting a model's parameters copies none of them).
+pub fn param_counts<M: Module>(module: &M) -> Vec<(String, usize)> {
+    struct V {
+        stack: PathStack,
+        out: Vec<(String, usize)>,
+    }
+    impl ModuleVisitor for V {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let numel = param.val().dims().iter().product();
+            self.out.push((self.stack.path(), numel));
+        }
+    }
+    let mut v = V {
+        stack: PathStack::default(),
+        out: Vec::new(),
+    };
+    module.visit(&mut v);
+    v.out
+}
+
 /// Every float parameter of `module` with its path, values and trainability, in visit order.
 pub fn collect_params<M: Module>(module: &M) -> Result<Vec<NamedParam>> {
     collect_params_where(module, &|_| true)

@@ -437,10 +437,10 @@ fn rank_main(
         model, trainable, ..
     } = built;
     let (mut total_params, mut trainable_params) = (0, 0);
-    for (path, data) in kiln_zero::named_params(&model)? {
-        total_params += data.num_elements();
+    for (path, numel) in kiln_precision::param_counts(&model) {
+        total_params += numel;
         if trainable(&path) {
-            trainable_params += data.num_elements();
+            trainable_params += numel;
         }
     }
     let mut engine = Engine::new(LlamaUnits::new(model), comm, zc, trainable)?;

@@ -697,35 +697,45 @@ impl<U: Units> Engine<U> {
     /// Unscale, agree on inf/NaN across ranks, clip by the global norm, step AdamW on the shard.
     fn update(&mut self) -> Result<(bool, Option<f32>)> {
         let inv = self.scaler.as_ref().map_or(1.0, |s| s.inv_scale());
+        let clip = self.config.max_grad_norm;
+        // With clipping, the norm's pass finds a non-finite gradient too (it makes Σg²
+        // non-finite): the separate check runs only when there is a loss scale to divide out.
         let mut local_inf = false;
-        for s in &mut self.state {
-            local_inf |= s.master.unscale_grads(inv);
-        }
-        let mut flag = [if local_inf { 1.0f32 } else { 0.0 }];
-        self.comm.all_reduce(&mut flag, ReduceOp::Max)?;
-        let found_inf = flag[0] > 0.0;
-        let mut grad_norm = None;
-        if let (Some(max), false) = (self.config.max_grad_norm, found_inf) {
-            let local: f64 = self
-                .state
-                .iter()
-                .map(|s| sum_of_squares(s.master.grads()))
-                .sum();
-            let mut sq = [local as f32];
-            if self.config.stage.shards_optimizer() {
-                self.comm.all_reduce(&mut sq, ReduceOp::Sum)?;
+        if inv != 1.0 || clip.is_none() {
+            for s in &mut self.state {
+                local_inf |= s.master.unscale_grads(inv);
             }
-            let norm = sq[0].sqrt();
-            let coef = max / (norm + 1e-6);
-            if coef < 1.0 {
-                for s in &mut self.state {
-                    s.master.grads_mut().iter_mut().for_each(|g| *g *= coef);
+        }
+        let (found_inf, grad_norm, grad_scale) = match clip {
+            Some(max) => {
+                let local: f64 = self
+                    .state
+                    .iter()
+                    .map(|s| sum_of_squares(s.master.grads()))
+                    .sum();
+                let mut sq = [local as f32];
+                // Sharded gradients: every rank's part is in the sum, its non-finite ones too.
+                // Whole gradients are the same on every rank after their reduction.
+                if self.config.stage.shards_optimizer() {
+                    self.comm.all_reduce(&mut sq, ReduceOp::Sum)?;
+                }
+                if sq[0].is_finite() {
+                    let norm = sq[0].sqrt();
+                    let coef = max / (norm + 1e-6);
+                    (false, Some(norm), if coef < 1.0 { coef } else { 1.0 })
+                } else {
+                    (true, None, 1.0)
                 }
             }
-            grad_norm = Some(norm);
-        }
+            None => {
+                let mut flag = [if local_inf { 1.0f32 } else { 0.0 }];
+                self.comm.all_reduce(&mut flag, ReduceOp::Max)?;
+                (flag[0] > 0.0, None, 1.0)
+            }
+        };
+        // Clipping's coefficient multiplies each gradient inside the optimizer's pass.
         for s in &mut self.state {
-            s.master.apply(found_inf)?;
+            s.master.apply_scaled(found_inf, grad_scale)?;
         }
         if let Some(scaler) = &mut self.scaler {
             scaler.update(found_inf);
@@ -771,20 +781,7 @@ fn sum_of_squares(xs: &[f32]) -> f64 {
     use rayon::prelude::*;
     let blocks: Vec<f64> = xs
         .par_chunks(1 << 16)
-        .map(|block| {
-            let mut acc = [0.0f64; 8];
-            let lanes = block.chunks_exact(8);
-            let rest = lanes.remainder();
-            for c in lanes {
-                for i in 0..8 {
-                    acc[i] += f64::from(c[i]) * f64::from(c[i]);
-                }
-            }
-            for (i, &x) in rest.iter().enumerate() {
-                acc[i] += f64::from(x) * f64::from(x);
-            }
-            acc.iter().sum::<f64>()
-        })
+        .map(kiln_precision::sum_of_squares)
         .collect();
     blocks.iter().sum()
 }
