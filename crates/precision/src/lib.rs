@@ -42,6 +42,6 @@ pub use flat::{
 pub use master::{FlatEntry, FlatLayout, MasterWeights, Shard, StepOutcome};
 pub use module::{
     NamedParam, Policy, cast_module, collect_grads, collect_params, collect_params_where,
-    master_weights_for, param_counts, param_paths, write_back,
+    master_weights_for, param_counts, param_paths, take_grads, write_back,
 };
 pub use scaler::{DynamicLossScaler, ScaleWarning, ScalerConfig, ScalerState, ScalerUpdate};

@@ -303,6 +303,54 @@ pub fn collect_grads<M: Module>(
     }
 }
 
+/// [`collect_grads`] that takes each gradient out of `grads` (`grad_remove`): the tensor's data
+/// is then owned by nobody else and becomes the `TensorData` without a copy.
+pub fn take_grads<M: Module>(
+    module: &M,
+    grads: &mut Gradients,
+) -> Result<Vec<(String, TensorData)>> {
+    struct V<'a> {
+        grads: &'a mut Gradients,
+        stack: PathStack,
+        out: Vec<(String, TensorData)>,
+        err: Option<PrecisionError>,
+    }
+    impl ModuleVisitor for V<'_> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.stack.enter(name);
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.stack.exit();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            let Some(g) = param.grad_remove(self.grads) else {
+                return;
+            };
+            let path = self.stack.path();
+            match g.try_into_data() {
+                Ok(data) => self.out.push((path, data)),
+                Err(e) => {
+                    self.err.get_or_insert(PrecisionError::Data {
+                        path,
+                        msg: format!("{e:?}"),
+                    });
+                }
+            }
+        }
+    }
+    let mut v = V {
+        grads,
+        stack: PathStack::default(),
+        out: Vec::new(),
+        err: None,
+    };
+    module.visit(&mut v);
+    match v.err {
+        Some(e) => Err(e),
+        None => Ok(v.out),
+    }
+}
+
 /// Master weights for the trainable parameters of `module` (one rank, whole buffer), in visit
 /// order; `group_of(path)` picks each parameter's group.
 pub fn master_weights_for<M: Module>(

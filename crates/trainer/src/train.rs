@@ -784,7 +784,7 @@ pub fn model_from_params(
         .into_iter()
         .map(|(p, d)| (p, d.convert_dtype(dtype)))
         .collect();
-    Ok(kiln_zero::load_params(lora_model.into_model(), &factors)?)
+    Ok(kiln_zero::load_params(lora_model.into_model(), factors)?)
 }
 
 /// Greedy exact-match accuracy on the held-out addition pairs, and a few samples.

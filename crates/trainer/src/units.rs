@@ -86,7 +86,7 @@ impl Units for LlamaUnits {
         values: Vec<(String, TensorData)>,
     ) -> kiln_zero::Result<()> {
         let map: HashMap<String, TensorData> = values.into_iter().collect();
-        self.model = load_params(self.model.clone(), &map)?;
+        self.model = load_params(self.model.clone(), map)?;
         Ok(())
     }
 
@@ -124,7 +124,7 @@ impl Units for LlamaUnits {
     fn unit_grads(
         &self,
         _unit: usize,
-        grads: &Gradients,
+        grads: &mut Gradients,
     ) -> kiln_zero::Result<Vec<(String, TensorData)>> {
         named_grads(&self.model, grads)
     }

@@ -520,9 +520,9 @@ impl<U: Units> Engine<U> {
         self.fetch(n - 1)?;
         let loss = self.units.loss_sum(h_in.clone(), batch);
         let loss_value = scalar(loss.clone())?;
-        let grads = loss.mul_scalar(factor).backward();
+        let mut grads = loss.mul_scalar(factor).backward();
         let mut upstream = input_grad(&h_in, &grads, n - 1)?;
-        let unit_grads = self.units.unit_grads(n - 1, &grads)?;
+        let unit_grads = self.units.unit_grads(n - 1, &mut grads)?;
         drop(grads);
         self.release(n - 1)?;
         self.unit_done(n - 1, unit_grads, last)?;
@@ -550,11 +550,11 @@ impl<U: Units> Engine<U> {
                     self.units.forward(u, input.clone(), batch)
                 }
             };
-            let grads = (out * upstream.clone()).sum().backward();
+            let mut grads = (out * upstream.clone()).sum().backward();
             if let Some(input) = &input {
                 upstream = input_grad(input, &grads, u)?;
             }
-            let unit_grads = self.units.unit_grads(u, &grads)?;
+            let unit_grads = self.units.unit_grads(u, &mut grads)?;
             drop(grads);
             self.release(u)?;
             self.unit_done(u, unit_grads, last)?;

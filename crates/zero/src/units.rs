@@ -55,7 +55,8 @@ pub trait Units {
     fn tokens(&self, batch: &Self::Batch) -> usize;
 
     /// Gradients of `unit`'s parameters present in `grads`, by path (compute dtype).
-    fn unit_grads(&self, unit: usize, grads: &Gradients) -> Result<Vec<(String, TensorData)>>;
+    /// They are taken out of `grads`, which the engine drops right after.
+    fn unit_grads(&self, unit: usize, grads: &mut Gradients) -> Result<Vec<(String, TensorData)>>;
 
     /// The model as it is now, without gradient tracking (burn's `Module::valid`): forward-only
     /// passes (evaluation) through it record no autodiff graph.
@@ -84,21 +85,26 @@ pub fn named_params_where<M: Module>(
         .collect())
 }
 
-/// Gradients of every float parameter of `module` present in `grads`, by path.
-pub fn named_grads<M: Module>(module: &M, grads: &Gradients) -> Result<Vec<(String, TensorData)>> {
-    Ok(kiln_precision::collect_grads(module, grads)?)
+/// Gradients of every float parameter of `module` present in `grads`, by path, taken out of
+/// `grads` (without a copy of their data).
+pub fn named_grads<M: Module>(
+    module: &M,
+    grads: &mut Gradients,
+) -> Result<Vec<(String, TensorData)>> {
+    Ok(kiln_precision::take_grads(module, grads)?)
 }
 
 /// Replaces the parameters of `module` named in `values` (dtype taken from the data); gradient
 /// tracking and parameter ids are kept, other parameters are left alone. A released parameter
-/// (no elements, see [`release_params`]) takes the data's shape.
-pub fn load_params<M: Module>(module: M, values: &HashMap<String, TensorData>) -> Result<M> {
-    struct L<'a> {
-        values: &'a HashMap<String, TensorData>,
+/// (no elements, see [`release_params`]) takes the data's shape. The values move into the
+/// parameters (no copy where the data is aligned for the device).
+pub fn load_params<M: Module>(module: M, values: HashMap<String, TensorData>) -> Result<M> {
+    struct L {
+        values: HashMap<String, TensorData>,
         path: Vec<String>,
         err: Option<ZeroError>,
     }
-    impl ModuleMapper for L<'_> {
+    impl ModuleMapper for L {
         fn enter_module(&mut self, name: &str, _: &str) {
             self.path.push(name.to_string());
         }
@@ -107,7 +113,7 @@ pub fn load_params<M: Module>(module: M, values: &HashMap<String, TensorData>) -
         }
         fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
             let path = self.path.join(".");
-            let Some(data) = self.values.get(&path) else {
+            let Some(data) = self.values.remove(&path) else {
                 return param;
             };
             let released = param.shape().num_elements() == 0;
@@ -120,7 +126,8 @@ pub fn load_params<M: Module>(module: M, values: &HashMap<String, TensorData>) -
                 return param;
             }
             param.map(|old| {
-                let t = Tensor::<D>::from_data(data.clone(), (&old.device(), data.dtype()));
+                let dtype = data.dtype();
+                let t = Tensor::<D>::from_data(data, (&old.device(), dtype));
                 if old.is_require_grad() {
                     t.require_grad()
                 } else {

@@ -142,7 +142,7 @@ impl Units for LlamaUnits {
 
     fn set_unit_params(&mut self, _unit: usize, values: Vec<(String, TensorData)>) -> Result<()> {
         let map: HashMap<String, TensorData> = values.into_iter().collect();
-        self.model = load_params(self.model.clone(), &map)?;
+        self.model = load_params(self.model.clone(), map)?;
         Ok(())
     }
 
@@ -178,7 +178,7 @@ impl Units for LlamaUnits {
         batch.rows * (SEQ - 1)
     }
 
-    fn unit_grads(&self, unit: usize, grads: &Gradients) -> Result<Vec<(String, TensorData)>> {
+    fn unit_grads(&self, unit: usize, grads: &mut Gradients) -> Result<Vec<(String, TensorData)>> {
         let mut g = named_grads(&self.model, grads)?;
         if self.poison && self.id(unit) == UnitId::Head {
             let (_, d) = g
