@@ -123,16 +123,23 @@ fn missing_tensor_is_named() {
 
 #[test]
 fn wrong_shape_names_key_and_both_shapes() {
+    // The expected shape is the fixture's hidden size, read from its config.
+    let hidden = LlamaConfig::from_file(fixture_model().join("config.json"))
+        .unwrap()
+        .hidden_size;
+    let wrong = hidden + 1;
     let dir = with_tensors(|t| {
         let slot = t
             .iter_mut()
             .find(|(k, _)| k == "model.norm.weight")
             .unwrap();
-        slot.1 = TensorData::new(vec![1.0f32; 3], [3]);
+        slot.1 = TensorData::new(vec![1.0f32; wrong], [wrong]);
     });
     let err = load_err(dir.path());
     assert!(
-        err.contains("`model.norm.weight`") && err.contains("[3]") && err.contains("[64]"),
+        err.contains("`model.norm.weight`")
+            && err.contains(&format!("[{wrong}]"))
+            && err.contains(&format!("[{hidden}]")),
         "{err}"
     );
 }
