@@ -9,7 +9,7 @@ use kiln_models::{
 use kiln_zero::{ActivationShape, activation_bytes, estimate_table_with};
 
 use crate::cli::{EstimateArgs, EvalArgs, ExportArgs, GenerateArgs, TrainArgs};
-use crate::config::{Task, TokenizerSpec, TrainConfig};
+use crate::config::{Task, TrainConfig};
 use crate::data::{Dataset, Tokenizer, collate};
 use crate::train::{
     EvalResult, Resume, TrainSummary, addition_accuracy, checkpoint_config, human,
@@ -105,7 +105,8 @@ pub struct Loaded {
 }
 
 /// Loads a checkpoint (the run's own config, model and tokenizer) or an HF folder (with its
-/// `tokenizer.json` when present, else the byte tokenizer). `config` is used for an HF folder.
+/// `tokenizer.json` when present and `data.tokenizer` is `auto`, see
+/// [`crate::train::tokenizer_for`]). `config` is used for an HF folder.
 pub fn load_model(
     checkpoint: Option<&Path>,
     pretrained: Option<&Path>,
@@ -125,10 +126,6 @@ pub fn load_model(
         (None, Some(dir)) => {
             let mut config = config;
             config.model.pretrained = Some(dir.to_path_buf());
-            let tok = dir.join("tokenizer.json");
-            if tok.is_file() && config.data.tokenizer == TokenizerSpec::Byte {
-                config.data.tokenizer = TokenizerSpec::File(tok);
-            }
             let dtype = policy_of(&config.precision).compute;
             let (model_config, model) = Llama::from_pretrained(dir, device, dtype)?;
             (config, model_config, model)
@@ -172,15 +169,8 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalResult> {
     let dtype = policy_of(&config.precision).compute;
     let (mut sum, mut count) = (0.0f64, 0.0f64);
     for rows in dataset.eval().chunks(config.train.micro_batch.max(1)) {
-        let b = collate(rows)?;
-        let batch = crate::units::Batch::new(
-            &loaded.model_config,
-            b.ids,
-            b.labels,
-            b.seq_len,
-            &device,
-            dtype,
-        )?;
+        let batch =
+            crate::units::Batch::from_rows(&loaded.model_config, collate(rows)?, &device, dtype)?;
         let logits = loaded.model.forward(batch.ids.clone(), &batch.ctx);
         let (s, c) = causal_lm_loss_sum(logits, batch.labels);
         sum += f64::from(scalar(s)?);

@@ -82,27 +82,32 @@ pub enum Task {
     Addition,
     /// Plain text files, concatenated and packed into rows of `seq_len`.
     Text,
-    /// JSON Lines with string fields `prompt` and `response`; the loss is on the response only.
+    /// JSON Lines of `prompt`/`response`, `prompt`/`completion` or `messages` records, the
+    /// shape recognised per line ([`crate::jsonl`]); the loss is on the response or the
+    /// assistant turns only.
     Jsonl,
 }
 
-/// `data.tokenizer`: `"byte"` or the path of a Hugging Face `tokenizer.json`.
+/// `data.tokenizer`: `"auto"` (the default), `"byte"`, or the path of a Hugging Face
+/// `tokenizer.json` (or of the folder holding it).
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(from = "String", into = "String")]
 pub enum TokenizerSpec {
-    /// Bytes 0..=255 plus BOS/EOS/PAD (vocabulary 259), see [`crate::data::Tokenizer`].
+    /// The `tokenizer.json` of `model.pretrained` when it has one, else the byte tokenizer.
     #[default]
+    Auto,
+    /// Bytes 0..=255 plus BOS/EOS/PAD (vocabulary 259), see [`crate::data::Tokenizer`].
     Byte,
-    /// A Hugging Face `tokenizer.json` (needs the `hf-tokenizer` cargo feature).
+    /// A Hugging Face `tokenizer.json`.
     File(PathBuf),
 }
 
 impl From<String> for TokenizerSpec {
     fn from(s: String) -> Self {
-        if s == "byte" {
-            TokenizerSpec::Byte
-        } else {
-            TokenizerSpec::File(s.into())
+        match s.as_str() {
+            "auto" => TokenizerSpec::Auto,
+            "byte" => TokenizerSpec::Byte,
+            _ => TokenizerSpec::File(s.into()),
         }
     }
 }
@@ -110,6 +115,7 @@ impl From<String> for TokenizerSpec {
 impl From<TokenizerSpec> for String {
     fn from(t: TokenizerSpec) -> Self {
         match t {
+            TokenizerSpec::Auto => "auto".into(),
             TokenizerSpec::Byte => "byte".into(),
             TokenizerSpec::File(p) => p.to_string_lossy().into_owned(),
         }
@@ -126,6 +132,11 @@ pub struct DataConfig {
     /// Tokens per row (default 32, at least 8).
     pub seq_len: usize,
     pub tokenizer: TokenizerSpec,
+    /// A Jinja chat template file for `messages` records, instead of the tokenizer's own
+    /// (`chat_template.jinja` or `tokenizer_config.json`'s `chat_template`).
+    pub chat_template: Option<PathBuf>,
+    /// `jsonl`: several examples per row ([`crate::packing`]) instead of one padded example.
+    pub packing: bool,
     /// Operand digits for `addition` (default 2, 1..=9).
     pub digits: u32,
     /// `add` (default) or `sub` for the `addition` task.
@@ -140,7 +151,9 @@ impl Default for DataConfig {
             task: Task::Addition,
             paths: Vec::new(),
             seq_len: 32,
-            tokenizer: TokenizerSpec::Byte,
+            tokenizer: TokenizerSpec::Auto,
+            chat_template: None,
+            packing: false,
             digits: 2,
             operation: crate::data::Operation::Add,
             eval_examples: 200,
@@ -454,6 +467,12 @@ impl TrainConfig {
         }
         match d.task {
             Task::Addition => {
+                if d.packing {
+                    return bad(
+                        "data.packing",
+                        "applies to task jsonl (addition rows are one example each)".into(),
+                    );
+                }
                 if !(1..=9).contains(&d.digits) {
                     return bad("data.digits", format!("{} must be in 1..=9", d.digits));
                 }
@@ -470,6 +489,12 @@ impl TrainConfig {
                 }
             }
             Task::Text | Task::Jsonl => {
+                if d.packing && d.task == Task::Text {
+                    return bad(
+                        "data.packing",
+                        "applies to task jsonl (text is always packed as one stream)".into(),
+                    );
+                }
                 if d.paths.is_empty() {
                     return bad(
                         "data.paths",
@@ -829,6 +854,7 @@ mod tests {
             ("data.task=jsonl", "data.paths"),
             ("model.preset=huge", "model.preset"),
             ("optim.max_grad_norm=-1", "optim.max_grad_norm"),
+            ("data.packing=true", "data.packing"),
         ];
         for (arg, field) in cases {
             let e = TrainConfig::load(None, &set(&[arg]))
@@ -856,6 +882,10 @@ mod tests {
             &set(&[
                 "optim.max_grad_norm=0",
                 "data.tokenizer=tok.json",
+                "data.chat_template=chat.jinja",
+                "data.packing=true",
+                "data.task=jsonl",
+                "data.paths=[\"a.jsonl\"]",
                 "lora.adapter=ad",
                 "precision.compute=f16",
                 "dist.backend=threads",

@@ -22,256 +22,37 @@ use serde::{Deserialize, Serialize};
 
 pub use kiln_models::IGNORE_INDEX;
 
-use crate::config::{DataConfig, Task, TokenizerSpec};
+use crate::config::{DataConfig, Task};
 use crate::error::{Result, TrainerError};
 
-/// Vocabulary of [`Tokenizer::Byte`]: 256 bytes and BOS, EOS, PAD.
-pub const BYTE_VOCAB_SIZE: usize = 259;
-/// Byte tokenizer: beginning of sequence.
-pub const BYTE_BOS: i64 = 256;
-/// Byte tokenizer: end of sequence.
-pub const BYTE_EOS: i64 = 257;
-/// Byte tokenizer: padding.
-pub const BYTE_PAD: i64 = 258;
-
-/// A tokenizer: the built-in byte tokenizer or a Hugging Face `tokenizer.json`.
-///
-/// Ids are `i64`, as burn's `Int` tensors and the labels. Special tokens are never produced by
-/// [`encode`](Tokenizer::encode); examples add BOS/EOS/PAD themselves.
-#[derive(Debug, Clone)]
-pub enum Tokenizer {
-    /// UTF-8 bytes 0..=255, BOS 256, EOS 257, PAD 258.
-    Byte,
-    /// UTF-8 bytes 0..=255 with a model's own special ids inside that range (a byte-level HF
-    /// model with a 256-token vocabulary, like the fixture Llama: BOS 1, EOS 2, PAD = EOS).
-    ByteSpecial {
-        bos: Option<i64>,
-        eos: i64,
-        pad: i64,
-    },
-    /// A Hugging Face tokenizer (cargo feature `hf-tokenizer`).
-    #[cfg(feature = "hf-tokenizer")]
-    Hf(Box<HfTokenizer>),
-}
-
-/// A Hugging Face tokenizer with its special tokens resolved.
-#[cfg(feature = "hf-tokenizer")]
-#[derive(Debug, Clone)]
-pub struct HfTokenizer {
-    inner: tokenizers::Tokenizer,
-    path: PathBuf,
-    bos: Option<u32>,
-    eos: u32,
-    pad: u32,
-}
-
-impl Tokenizer {
-    /// The tokenizer that `data.tokenizer` names.
-    pub fn from_spec(spec: &TokenizerSpec) -> Result<Self> {
-        match spec {
-            TokenizerSpec::Byte => Ok(Tokenizer::Byte),
-            TokenizerSpec::File(path) => Self::from_file(path),
-        }
-    }
-
-    /// Loads a Hugging Face `tokenizer.json` (or a folder holding one).
-    ///
-    /// Special tokens come from `tokenizer_config.json` next to it when present
-    /// (`bos_token`, `eos_token`, `pad_token`), else from well-known names (`<s>`, `</s>`,
-    /// `<|begin_of_text|>`, `<|end_of_text|>`, `<|endoftext|>`, `<pad>`, ...). PAD defaults to
-    /// EOS. A missing EOS is an error. Without the `hf-tokenizer` feature this is an error.
-    pub fn from_file(path: &Path) -> Result<Self> {
-        #[cfg(feature = "hf-tokenizer")]
-        {
-            HfTokenizer::load(path).map(|t| Tokenizer::Hf(Box::new(t)))
-        }
-        #[cfg(not(feature = "hf-tokenizer"))]
-        {
-            Err(TrainerError::Tokenizer {
-                path: path.into(),
-                reason: "this kiln was built without Hugging Face tokenizers; rebuild with \
-                         `--features hf-tokenizer`, or use data.tokenizer = \"byte\""
-                    .into(),
-            })
-        }
-    }
-
-    /// Token ids of `text`, without special tokens.
-    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        match self {
-            Tokenizer::Byte | Tokenizer::ByteSpecial { .. } => {
-                Ok(text.bytes().map(i64::from).collect())
-            }
-            #[cfg(feature = "hf-tokenizer")]
-            Tokenizer::Hf(t) => t.encode(text),
-        }
-    }
-
-    /// Text of `ids`; special tokens and ids outside the vocabulary are skipped (invalid UTF-8
-    /// from the byte tokenizer is replaced by U+FFFD).
-    pub fn decode(&self, ids: &[i64]) -> Result<String> {
-        match self {
-            Tokenizer::Byte => {
-                let bytes: Vec<u8> = ids.iter().filter_map(|&id| u8::try_from(id).ok()).collect();
-                Ok(String::from_utf8_lossy(&bytes).into_owned())
-            }
-            Tokenizer::ByteSpecial { bos, eos, pad } => {
-                let special = |id: i64| Some(id) == *bos || id == *eos || id == *pad;
-                let bytes: Vec<u8> = ids
-                    .iter()
-                    .filter(|&&id| !special(id))
-                    .filter_map(|&id| u8::try_from(id).ok())
-                    .collect();
-                Ok(String::from_utf8_lossy(&bytes).into_owned())
-            }
-            #[cfg(feature = "hf-tokenizer")]
-            Tokenizer::Hf(t) => t.decode(ids),
-        }
-    }
-
-    /// Number of ids (the model's `vocab_size` must be at least this).
-    pub fn vocab_size(&self) -> usize {
-        match self {
-            Tokenizer::Byte => BYTE_VOCAB_SIZE,
-            Tokenizer::ByteSpecial { .. } => 256,
-            #[cfg(feature = "hf-tokenizer")]
-            Tokenizer::Hf(t) => t.inner.get_vocab_size(true),
-        }
-    }
-
-    /// Beginning-of-sequence id, if the tokenizer has one.
-    pub fn bos(&self) -> Option<i64> {
-        match self {
-            Tokenizer::Byte => Some(BYTE_BOS),
-            Tokenizer::ByteSpecial { bos, .. } => *bos,
-            #[cfg(feature = "hf-tokenizer")]
-            Tokenizer::Hf(t) => t.bos.map(i64::from),
-        }
-    }
-
-    /// End-of-sequence id.
-    pub fn eos(&self) -> i64 {
-        match self {
-            Tokenizer::Byte => BYTE_EOS,
-            Tokenizer::ByteSpecial { eos, .. } => *eos,
-            #[cfg(feature = "hf-tokenizer")]
-            Tokenizer::Hf(t) => i64::from(t.eos),
-        }
-    }
-
-    /// Padding id (its labels are always [`IGNORE_INDEX`]).
-    pub fn pad(&self) -> i64 {
-        match self {
-            Tokenizer::Byte => BYTE_PAD,
-            Tokenizer::ByteSpecial { pad, .. } => *pad,
-            #[cfg(feature = "hf-tokenizer")]
-            Tokenizer::Hf(t) => i64::from(t.pad),
-        }
-    }
-}
-
-#[cfg(feature = "hf-tokenizer")]
-impl HfTokenizer {
-    fn load(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() {
-            path.join("tokenizer.json")
-        } else {
-            path.to_path_buf()
-        };
-        let err = |reason: String| TrainerError::Tokenizer {
-            path: file.clone(),
-            reason,
-        };
-        if !file.is_file() {
-            return Err(err("no such file".into()));
-        }
-        let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| err(e.to_string()))?;
-        let config = file.with_file_name("tokenizer_config.json");
-        let named = if config.is_file() {
-            let text =
-                std::fs::read_to_string(&config).map_err(|e| TrainerError::io(&config, e))?;
-            let json: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| TrainerError::Tokenizer {
-                    path: config.clone(),
-                    reason: e.to_string(),
-                })?;
-            let token = |key: &str| -> Option<String> {
-                match json.get(key)? {
-                    serde_json::Value::String(s) => Some(s.clone()),
-                    serde_json::Value::Object(o) => o.get("content")?.as_str().map(String::from),
-                    _ => None,
-                }
-            };
-            [token("bos_token"), token("eos_token"), token("pad_token")]
-        } else {
-            [None, None, None]
-        };
-        let find = |configured: &Option<String>, known: &[&str]| -> Option<u32> {
-            configured
-                .iter()
-                .map(String::as_str)
-                .chain(known.iter().copied())
-                .find_map(|t| inner.token_to_id(t))
-        };
-        let bos = find(&named[0], &["<|begin_of_text|>", "<s>", "<bos>", "[CLS]"]);
-        let eos = find(
-            &named[1],
-            &[
-                "<|end_of_text|>",
-                "</s>",
-                "<eos>",
-                "<|endoftext|>",
-                "<|im_end|>",
-                "[SEP]",
-            ],
-        )
-        .ok_or_else(|| {
-            err(
-                "no end-of-sequence token (eos_token in tokenizer_config.json, or </s>, \
-                 <|end_of_text|>, <|endoftext|>, <eos>)"
-                    .into(),
-            )
-        })?;
-        let pad = find(&named[2], &["<pad>", "<|pad|>", "[PAD]"]).unwrap_or(eos);
-        Ok(Self {
-            inner,
-            path: file,
-            bos,
-            eos,
-            pad,
-        })
-    }
-
-    fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TrainerError::Tokenizer {
-                path: self.path.clone(),
-                reason: format!("encode: {e}"),
-            })?;
-        Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
-    }
-
-    fn decode(&self, ids: &[i64]) -> Result<String> {
-        let ids: Vec<u32> = ids.iter().filter_map(|&i| u32::try_from(i).ok()).collect();
-        self.inner
-            .decode(&ids, true)
-            .map_err(|e| TrainerError::Tokenizer {
-                path: self.path.clone(),
-                reason: format!("decode: {e}"),
-            })
-    }
-}
+pub use crate::tokenizer::{BYTE_BOS, BYTE_EOS, BYTE_PAD, BYTE_VOCAB_SIZE, Tokenizer};
 
 /// One row: `ids` and `labels`, both `seq_len` long (see the module docs for the convention).
+///
+/// A packed row ([`crate::packing`]) holds several examples and says where each is:
+/// `segments` numbers them 1, 2, ... (0 for padding) and `positions` restarts at 0 with each,
+/// so attention stays inside an example and each sees the positions it would see alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Example {
     pub ids: Vec<i64>,
     pub labels: Vec<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments: Option<Vec<u32>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positions: Option<Vec<i64>>,
 }
 
 impl Example {
+    /// A row of one example (no packing).
+    pub fn new(ids: Vec<i64>, labels: Vec<i64>) -> Self {
+        Self {
+            ids,
+            labels,
+            segments: None,
+            positions: None,
+        }
+    }
+
     /// `[BOS] prompt response EOS`, labels masking BOS and the prompt, truncated to `seq_len`
     /// (keeping the start) and right-padded. Returns whether it was truncated.
     pub fn supervised(
@@ -280,8 +61,22 @@ impl Example {
         tokenizer: &Tokenizer,
         seq_len: usize,
     ) -> (Example, bool) {
-        let mut ids = Vec::with_capacity(seq_len);
-        let mut labels = Vec::with_capacity(seq_len);
+        let (mut example, truncated) =
+            Self::supervised_unpadded(prompt, response, tokenizer, seq_len);
+        example.pad_to(seq_len, tokenizer.pad());
+        (example, truncated)
+    }
+
+    /// [`supervised`](Self::supervised) without the padding (for packing).
+    pub fn supervised_unpadded(
+        prompt: &[i64],
+        response: &[i64],
+        tokenizer: &Tokenizer,
+        seq_len: usize,
+    ) -> (Example, bool) {
+        let n = prompt.len() + response.len() + 2;
+        let mut ids = Vec::with_capacity(n);
+        let mut labels = Vec::with_capacity(n);
         if let Some(bos) = tokenizer.bos() {
             ids.push(bos);
             labels.push(IGNORE_INDEX);
@@ -295,9 +90,19 @@ impl Example {
         let truncated = ids.len() > seq_len;
         ids.truncate(seq_len);
         labels.truncate(seq_len);
-        ids.resize(seq_len, tokenizer.pad());
-        labels.resize(seq_len, IGNORE_INDEX);
-        (Example { ids, labels }, truncated)
+        (Example::new(ids, labels), truncated)
+    }
+
+    /// Right-pads to `seq_len` with `pad` (labels [`IGNORE_INDEX`]; segment 0, position 0).
+    pub fn pad_to(&mut self, seq_len: usize, pad: i64) {
+        self.ids.resize(seq_len, pad);
+        self.labels.resize(seq_len, IGNORE_INDEX);
+        if let Some(s) = self.segments.as_mut() {
+            s.resize(seq_len, 0);
+        }
+        if let Some(p) = self.positions.as_mut() {
+            p.resize(seq_len, 0);
+        }
     }
 
     /// Tokens that count in the loss: positions `t >= 1` with `labels[t] != -100`.
@@ -310,20 +115,26 @@ impl Example {
     }
 }
 
-/// Rows stacked for a model call: `ids` and `labels` flattened row-major, `[batch, seq_len]`.
+/// Rows stacked for a model call: `ids` and `labels` flattened row-major, `[batch, seq_len]`;
+/// for packed rows also their `segments` and `positions` (same layout, see [`Example`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
     pub ids: Vec<i64>,
     pub labels: Vec<i64>,
+    pub segments: Option<Vec<u32>>,
+    pub positions: Option<Vec<i64>>,
     pub batch: usize,
     pub seq_len: usize,
 }
 
-/// Stacks rows of equal length into a [`Batch`] (for `Tensor::<2, Int>::from_data`).
+/// Stacks rows of equal length into a [`Batch`] (for `Tensor::<2, Int>::from_data`). Rows are
+/// all packed or all not.
 pub fn collate(rows: &[Example]) -> Result<Batch> {
     let seq_len = rows.first().map_or(0, |r| r.ids.len());
+    let packed = rows.first().is_some_and(|r| r.segments.is_some());
     let mut ids = Vec::with_capacity(rows.len() * seq_len);
     let mut labels = Vec::with_capacity(rows.len() * seq_len);
+    let (mut segments, mut positions) = (Vec::new(), Vec::new());
     for (i, r) in rows.iter().enumerate() {
         if r.ids.len() != seq_len || r.labels.len() != seq_len {
             return Err(TrainerError::Argument(format!(
@@ -334,10 +145,26 @@ pub fn collate(rows: &[Example]) -> Result<Batch> {
         }
         ids.extend_from_slice(&r.ids);
         labels.extend_from_slice(&r.labels);
+        match (packed, &r.segments, &r.positions) {
+            (false, None, None) => {}
+            (true, Some(s), Some(p)) if s.len() == seq_len && p.len() == seq_len => {
+                segments.extend_from_slice(s);
+                positions.extend_from_slice(p);
+            }
+            _ => {
+                return Err(TrainerError::Argument(format!(
+                    "collate: row {i} is {}packed like row 0, or its segments and positions \
+                     are not {seq_len} long",
+                    if packed { "not " } else { "" }
+                )));
+            }
+        }
     }
     Ok(Batch {
         ids,
         labels,
+        segments: packed.then_some(segments),
+        positions: packed.then_some(positions),
         batch: rows.len(),
         seq_len,
     })
@@ -567,70 +394,12 @@ pub fn pack_text(paths: &[PathBuf], tokenizer: &Tokenizer, seq_len: usize) -> Re
             let mut labels = chunk.to_vec();
             ids.resize(seq_len, tokenizer.pad());
             labels.resize(seq_len, IGNORE_INDEX);
-            Example { ids, labels }
+            Example::new(ids, labels)
         })
         .collect())
 }
 
-/// Prompt/response pairs from JSON Lines.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JsonlData {
-    /// One row per record, in file order.
-    pub examples: Vec<Example>,
-    /// Records cut at `seq_len`.
-    pub truncated: usize,
-}
-
-/// Reads JSON Lines files: one object per line with string fields `prompt` and `response`
-/// (other fields are ignored; blank lines are skipped). Each record is
-/// `[BOS] prompt response EOS` with the loss on `response EOS`, truncated to `seq_len` and
-/// padded. Errors name `file:line` (invalid JSON, not an object, a missing or non-string
-/// field) or the file (no records).
-pub fn load_jsonl(paths: &[PathBuf], tokenizer: &Tokenizer, seq_len: usize) -> Result<JsonlData> {
-    let mut examples = Vec::new();
-    let mut truncated = 0;
-    for path in paths {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
-        let before = examples.len();
-        for (i, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
-            }
-            let bad = |reason: String| TrainerError::DataLine {
-                path: path.clone(),
-                line: i + 1,
-                reason,
-            };
-            let value: serde_json::Value =
-                serde_json::from_str(line).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-            let obj = value
-                .as_object()
-                .ok_or_else(|| bad("expected a JSON object with prompt and response".into()))?;
-            let field = |name: &str| -> Result<&str> {
-                match obj.get(name) {
-                    None => Err(bad(format!("missing field `{name}`"))),
-                    Some(serde_json::Value::String(s)) => Ok(s),
-                    Some(_) => Err(bad(format!("field `{name}` must be a string"))),
-                }
-            };
-            let prompt = tokenizer.encode(field("prompt")?)?;
-            let response = tokenizer.encode(field("response")?)?;
-            let (example, cut) = Example::supervised(&prompt, &response, tokenizer, seq_len);
-            truncated += usize::from(cut);
-            examples.push(example);
-        }
-        if examples.len() == before {
-            return Err(TrainerError::Data {
-                path: path.clone(),
-                reason: "no records (empty file)".into(),
-            });
-        }
-    }
-    Ok(JsonlData {
-        examples,
-        truncated,
-    })
-}
+pub use crate::jsonl::{JsonlData, load_jsonl};
 
 /// Where the training stream is: row `cursor` of epoch `epoch` (saved in checkpoints).
 ///
@@ -700,13 +469,33 @@ impl Dataset {
                         "needs at least one file",
                     ));
                 }
-                let (rows, truncated) = if config.task == Task::Text {
-                    (pack_text(&config.paths, &tokenizer, seq_len)?, 0)
+                let (train, eval, truncated) = if config.task == Task::Text {
+                    let rows = pack_text(&config.paths, &tokenizer, seq_len)?;
+                    let (train, eval) = split_eval(rows, config.eval_examples);
+                    (train, eval, 0)
                 } else {
-                    let j = load_jsonl(&config.paths, &tokenizer, seq_len)?;
-                    (j.examples, j.truncated)
+                    let template = crate::jsonl::chat_template_for(
+                        config.chat_template.as_deref(),
+                        &tokenizer,
+                    )?;
+                    let j = load_jsonl(&config.paths, &tokenizer, template.as_ref(), seq_len)?;
+                    let pad = tokenizer.pad();
+                    // Held-out examples are chosen before packing and stay one per row.
+                    let (train, mut eval) = split_eval(j.examples, config.eval_examples);
+                    for e in &mut eval {
+                        e.pad_to(seq_len, pad);
+                    }
+                    let train = if config.packing {
+                        crate::packing::pack(train, seq_len, pad)
+                    } else {
+                        JsonlData {
+                            examples: train,
+                            truncated: 0,
+                        }
+                        .padded(seq_len, pad)
+                    };
+                    (train, eval, j.truncated)
                 };
-                let (train, eval) = split_eval(rows, config.eval_examples);
                 if train.is_empty() {
                     return Err(TrainerError::Data {
                         path: config.paths[0].clone(),
@@ -951,55 +740,6 @@ mod tests {
     }
 
     #[test]
-    fn byte_tokenizer_round_trips() {
-        let t = Tokenizer::Byte;
-        let ids = t.encode("héllo 1+2=").unwrap();
-        assert_eq!(ids.len(), "héllo 1+2=".len());
-        let mut with_specials = vec![BYTE_BOS];
-        with_specials.extend(&ids);
-        with_specials.extend([BYTE_EOS, BYTE_PAD, -100]);
-        assert_eq!(t.decode(&with_specials).unwrap(), "héllo 1+2=");
-        assert_eq!(t.vocab_size(), 259);
-        assert_eq!((t.bos(), t.eos(), t.pad()), (Some(256), 257, 258));
-    }
-
-    #[cfg(not(feature = "hf-tokenizer"))]
-    #[test]
-    fn hf_tokenizer_needs_the_feature() {
-        let e = Tokenizer::from_spec(&TokenizerSpec::File("tok.json".into()))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("tok.json") && e.contains("hf-tokenizer"), "{e}");
-    }
-
-    #[cfg(feature = "hf-tokenizer")]
-    #[test]
-    fn hf_tokenizer_loads_with_specials() {
-        let dir = temp_dir("hf");
-        let special = |id: u32, content: &str| {
-            format!(
-                r#"{{"id":{id},"content":"{content}","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}}"#
-            )
-        };
-        let json = format!(
-            r#"{{"version":"1.0","truncation":null,"padding":null,"added_tokens":[{},{}],"normalizer":null,"pre_tokenizer":{{"type":"Whitespace"}},"post_processor":null,"decoder":null,"model":{{"type":"WordLevel","vocab":{{"<s>":0,"</s>":1,"hello":2,"world":3,"[UNK]":4}},"unk_token":"[UNK]"}}}}"#,
-            special(0, "<s>"),
-            special(1, "</s>")
-        );
-        let path = write(&dir, "tokenizer.json", &json);
-        let t = Tokenizer::from_spec(&TokenizerSpec::File(path)).unwrap();
-        assert_eq!((t.bos(), t.eos(), t.pad()), (Some(0), 1, 1));
-        assert_eq!(t.vocab_size(), 5);
-        assert_eq!(t.encode("hello world").unwrap(), vec![2, 3]);
-        assert_eq!(t.decode(&[0, 2, 3, 1]).unwrap(), "hello world");
-        // A folder holding tokenizer.json works too; a bad file names itself.
-        assert!(Tokenizer::from_file(&dir).is_ok());
-        let bad = write(&dir, "bad.json", "{");
-        let e = Tokenizer::from_file(&bad).unwrap_err().to_string();
-        assert!(e.contains("bad.json"), "{e}");
-    }
-
-    #[test]
     fn addition_example_masks_the_prompt() {
         let task = AdditionTask::new(3, 0).unwrap();
         let t = Tokenizer::Byte;
@@ -1122,72 +862,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing.txt"), "{e}");
-    }
-
-    #[test]
-    fn jsonl_masks_prompts_truncates_and_pads() {
-        let dir = temp_dir("jsonl");
-        let p = write(
-            &dir,
-            "ok.jsonl",
-            "{\"prompt\": \"ab\", \"response\": \"cd\", \"id\": 1}\n\n{\"prompt\": \"0123456789\", \"response\": \"xyz\"}\n",
-        );
-        let data = load_jsonl(std::slice::from_ref(&p), &Tokenizer::Byte, 8).unwrap();
-        assert_eq!(data.examples.len(), 2);
-        assert_eq!(data.truncated, 1);
-        let ex = &data.examples[0];
-        let c = |ch: u8| i64::from(ch);
-        assert_eq!(
-            ex.ids,
-            vec![
-                BYTE_BOS,
-                c(b'a'),
-                c(b'b'),
-                c(b'c'),
-                c(b'd'),
-                BYTE_EOS,
-                BYTE_PAD,
-                BYTE_PAD
-            ]
-        );
-        assert_eq!(
-            ex.labels,
-            vec![-100, -100, -100, c(b'c'), c(b'd'), BYTE_EOS, -100, -100]
-        );
-        let cut = &data.examples[1];
-        assert_eq!(cut.ids.len(), 8);
-        assert!(cut.labels.iter().all(|&l| l == IGNORE_INDEX));
-    }
-
-    #[test]
-    fn malformed_jsonl_names_file_and_line() {
-        let dir = temp_dir("badjsonl");
-        let cases = [
-            (
-                "syntax.jsonl",
-                "{\"prompt\": \"a\", \"response\": \"b\"}\n{oops\n",
-                ":2: invalid JSON",
-            ),
-            (
-                "missing.jsonl",
-                "\n{\"prompt\": \"a\"}\n",
-                ":2: missing field `response`",
-            ),
-            (
-                "type.jsonl",
-                "{\"prompt\": 3, \"response\": \"b\"}\n",
-                ":1: field `prompt` must be a string",
-            ),
-            ("array.jsonl", "[1, 2]\n", ":1: expected a JSON object"),
-            ("empty.jsonl", "\n  \n", "no records"),
-        ];
-        for (name, text, expect) in cases {
-            let p = write(&dir, name, text);
-            let e = load_jsonl(&[p], &Tokenizer::Byte, 16)
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(name) && e.contains(expect), "{name}: {e}");
-        }
     }
 
     fn file_dataset(seed: u64) -> Dataset {

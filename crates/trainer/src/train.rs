@@ -21,9 +21,12 @@ use kiln_precision::{AdamWConfig, ParamGroup, Policy};
 use kiln_zero::{Engine, Stage, StepReport, latest_checkpoint};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ComputeDtype, DistBackend, PrecisionConfig, ReduceDtype, TrainConfig};
+use crate::config::{
+    ComputeDtype, DistBackend, PrecisionConfig, ReduceDtype, TokenizerSpec, TrainConfig,
+};
 use crate::data::{
-    AdditionTask, DataPosition, Dataset, Example, Tokenizer, micro_batches, rank_range, rank_slice,
+    AdditionTask, DataPosition, Dataset, Example, Tokenizer, collate, micro_batches, rank_range,
+    rank_slice,
 };
 use crate::metrics::{EvalRecord, MetricsWriter, Progress, ProgressStats, TrainRecord};
 use crate::units::{Batch, LlamaUnits};
@@ -230,11 +233,22 @@ fn fresh_lora_config(config: &TrainConfig) -> kiln_lora::LoraConfig {
     }
 }
 
-/// The run's tokenizer: `data.tokenizer`, except that a byte-level pretrained model with fewer
-/// than 259 ids (too few for kiln's byte tokenizer's BOS/EOS/PAD) gets raw bytes with its own
-/// special ids. Refuses a tokenizer whose ids do not fit the model's vocabulary.
+/// The run's tokenizer: `data.tokenizer`, where `auto` (the default) is the `tokenizer.json` of
+/// `model.pretrained` when the folder has one (with its `tokenizer_config.json` and chat
+/// template), else the byte tokenizer; a byte-level pretrained model with fewer than 259 ids
+/// (too few for kiln's byte tokenizer's BOS/EOS/PAD) gets raw bytes with its own special ids.
+/// Refuses a tokenizer whose ids do not fit the model's vocabulary.
 pub fn tokenizer_for(config: &TrainConfig, model_config: &LlamaConfig) -> Result<Tokenizer> {
-    let mut tokenizer = Tokenizer::from_spec(&config.data.tokenizer)?;
+    let folder = config
+        .model
+        .pretrained
+        .as_ref()
+        .map(|dir| dir.join("tokenizer.json"))
+        .filter(|file| file.is_file());
+    let mut tokenizer = match (&config.data.tokenizer, folder) {
+        (TokenizerSpec::Auto, Some(file)) => Tokenizer::from_file(&file)?,
+        (spec, _) => Tokenizer::from_spec(spec)?,
+    };
     if let (Tokenizer::Byte, Some(dir)) = (&tokenizer, &config.model.pretrained)
         && model_config.vocab_size < tokenizer.vocab_size()
     {
@@ -385,10 +399,7 @@ pub fn batch_of(
     dtype: DType,
     dropout: Option<AdapterDropout>,
 ) -> Result<Batch> {
-    let ids = rows.iter().flat_map(|r| r.ids.iter().copied()).collect();
-    let labels = rows.iter().flat_map(|r| r.labels.iter().copied()).collect();
-    let seq = rows.first().map_or(1, |r| r.ids.len());
-    let mut batch = Batch::new(model_config, ids, labels, seq, device, dtype)?;
+    let mut batch = Batch::from_rows(model_config, collate(rows)?, device, dtype)?;
     if let Some(d) = dropout {
         batch.ctx = batch.ctx.with_adapter_dropout(d);
     }

@@ -36,16 +36,59 @@ impl Batch {
                 labels.len()
             )));
         }
+        let ctx = Context::new(config, rows, seq, None, device, dtype)?;
+        Ok(Self::with_context(ids, labels, rows, seq, ctx, device))
+    }
+
+    /// The model input of collated rows: packed rows ([`crate::data::Example`]) get the
+    /// context of their segments and positions (attention within an example, positions
+    /// restarting), other rows [`Batch::new`]'s.
+    pub fn from_rows(
+        config: &LlamaConfig,
+        rows: crate::data::Batch,
+        device: &Device,
+        dtype: DType,
+    ) -> crate::Result<Self> {
+        let crate::data::Batch {
+            ids,
+            labels,
+            segments,
+            positions,
+            batch,
+            seq_len,
+        } = rows;
+        let (Some(segments), Some(positions)) = (segments, positions) else {
+            return Self::new(config, ids, labels, seq_len, device, dtype);
+        };
+        if batch == 0 || ids.len() != batch * seq_len || labels.len() != ids.len() {
+            return Err(crate::TrainerError::Argument(format!(
+                "a packed batch needs {batch} rows of {seq_len} ids and labels, got {} ids and {} labels",
+                ids.len(),
+                labels.len()
+            )));
+        }
+        let ctx = Context::packed(config, batch, seq_len, &segments, &positions, device, dtype)?;
+        Ok(Self::with_context(ids, labels, batch, seq_len, ctx, device))
+    }
+
+    fn with_context(
+        ids: Vec<i64>,
+        labels: Vec<i64>,
+        rows: usize,
+        seq: usize,
+        ctx: Context,
+        device: &Device,
+    ) -> Self {
         let tokens = labels
             .chunks(seq)
             .map(|row| row[1..].iter().filter(|&&l| l != IGNORE_INDEX).count())
             .sum();
-        Ok(Self {
+        Self {
             ids: Tensor::from_data(TensorData::new(ids, [rows, seq]), device),
             labels: Tensor::from_data(TensorData::new(labels, [rows, seq]), device),
-            ctx: Context::new(config, rows, seq, None, device, dtype)?,
+            ctx,
             tokens,
-        })
+        }
     }
 }
 
