@@ -516,6 +516,11 @@ fn rank_main(
             config.train.global_batch,
             dataset.seq_len()
         );
+        // Packing changes how many rows an epoch has: say it.
+        let line = match dataset.rows_per_epoch() {
+            Some(rows) => format!("{line} ({rows} rows an epoch)"),
+            None => line,
+        };
         if let Some(p) = progress.as_mut() {
             p.println(&line);
         }
