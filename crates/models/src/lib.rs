@@ -29,7 +29,7 @@ pub use layers::{AdapterDropout, Linear};
 pub use llama::{Context, DecoderLayer, Llama, UnitId, unit_of};
 pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum};
 pub use source::{ParamSource, RandomInit, SplitMix64, TensorMap};
-pub use weights::{SafetensorsSource, named_tensors, save_safetensors};
+pub use weights::{SafetensorsSource, named_tensors, save_safetensors, write_safetensors};
 
 impl Llama {
     /// Loads a HF model folder (`config.json` + safetensors) with its weights cast to `dtype`.

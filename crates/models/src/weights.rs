@@ -227,33 +227,72 @@ pub fn save_safetensors(
     dtype: DType,
     path: impl AsRef<Path>,
 ) -> Result<()> {
-    let path = path.as_ref();
-    let st_dtype = match dtype {
-        DType::F32 => Dtype::F32,
-        DType::F16 => Dtype::F16,
-        DType::BF16 => Dtype::BF16,
-        other => return Err(ModelError::Input(format!("cannot save dtype {other:?}"))),
-    };
-    let converted: Vec<(String, TensorData)> = tensors
+    let layout: Vec<(String, Vec<usize>)> = tensors
         .iter()
-        .map(|(k, t)| (k.clone(), t.clone().convert_dtype(dtype)))
+        .map(|(k, t)| (k.clone(), t.shape().to_vec()))
         .collect();
-    let views = converted
-        .iter()
-        .map(|(k, t)| {
-            safetensors::tensor::TensorView::new(st_dtype, t.shape().to_vec(), t.as_bytes())
-                .map(|v| (k.clone(), v))
-                .map_err(|e| ModelError::Input(format!("tensor `{k}`: {e}")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let io = |source| ModelError::Io {
-        path: path.into(),
-        source,
+    write_safetensors(path, &layout, dtype, |i| Ok(tensors[i].1.clone()))
+}
+
+/// Writes a safetensors file tensor by tensor: `layout` names each tensor and its shape, in
+/// file order, and `value(i)` is asked for tensor `i` only when it is written (then dropped),
+/// so a caller holds one tensor at a time, never the whole model. Values are cast to `dtype`.
+/// The header carries `{"format": "pt"}` as transformers writes it. Atomic, as
+/// [`save_safetensors`].
+pub fn write_safetensors<E: From<ModelError>>(
+    path: impl AsRef<Path>,
+    layout: &[(String, Vec<usize>)],
+    dtype: DType,
+    mut value: impl FnMut(usize) -> std::result::Result<TensorData, E>,
+) -> std::result::Result<(), E> {
+    use std::io::Write as _;
+    let path = path.as_ref();
+    let (st_dtype, size) = match dtype {
+        DType::F32 => ("F32", 4),
+        DType::F16 => ("F16", 2),
+        DType::BF16 => ("BF16", 2),
+        other => return Err(ModelError::Input(format!("cannot save dtype {other:?}")).into()),
+    };
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+    let mut at = 0usize;
+    for (name, shape) in layout {
+        let bytes = shape.iter().product::<usize>() * size;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": st_dtype, "shape": shape, "data_offsets": [at, at + bytes]}),
+        );
+        at += bytes;
+    }
+    let mut header = serde_json::Value::Object(header).to_string().into_bytes();
+    // Data starts 8-byte aligned, as the safetensors library pads it.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ModelError::Io {
+            path: path.clone(),
+            source,
+        }
     };
     let tmp = path.with_extension("safetensors.tmp");
-    safetensors::serialize_to_file(views, None, &tmp).map_err(|e| ModelError::Safetensors {
-        path: tmp.clone(),
-        reason: e.to_string(),
-    })?;
-    std::fs::rename(&tmp, path).map_err(io)
+    let file = std::fs::File::create(&tmp).map_err(io(&tmp))?;
+    let mut w = std::io::BufWriter::new(file);
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .and_then(|_| w.write_all(&header))
+        .map_err(io(&tmp))?;
+    for (i, (name, shape)) in layout.iter().enumerate() {
+        let data = value(i)?.convert_dtype(dtype);
+        if data.shape().to_vec() != *shape {
+            return Err(ModelError::Input(format!(
+                "tensor `{name}`: shape {:?}, the layout says {shape:?}",
+                data.shape()
+            ))
+            .into());
+        }
+        w.write_all(data.as_bytes()).map_err(io(&tmp))?;
+    }
+    let file = w.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
+    file.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    Ok(())
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use kiln_lora::{Factor, LoraConfig, PeftAdapter, burn_factor_path, peft_key};
-use kiln_models::{LlamaConfig, save_safetensors};
+use kiln_models::{LlamaConfig, write_safetensors};
 
 use crate::{Result, TrainerError};
 
@@ -45,15 +45,25 @@ pub fn checkpoint_configs(
 /// Exports the checkpoint folder `checkpoint` into `out`. With LoRA, writes the PEFT adapter
 /// unless `merge`, which writes the merged model instead. `dtype` is the dtype of the model
 /// weights written (adapters are written in f32, as PEFT saves them).
+///
+/// The model is streamed: each tensor is read from the checkpoint (f32), merged with its
+/// adapter when asked, written and dropped before the next, so an export holds one tensor
+/// (the largest, e.g. the embedding) rather than the model. With tied embeddings the head is
+/// the embedding: one tensor is written and no `lm_head.weight`, as transformers expects.
 pub fn export(checkpoint: &Path, out: &Path, merge: bool, dtype: DType) -> Result<Exported> {
-    let (manifest, params) = kiln_zero::read_full_checkpoint(checkpoint)?;
-    let (config, lora) = checkpoint_configs(&manifest.extra, checkpoint)?;
+    let reader = kiln_zero::CheckpointReader::open(checkpoint)?;
+    let (config, lora) = checkpoint_configs(&reader.manifest().extra, checkpoint)?;
     std::fs::create_dir_all(out).map_err(|e| TrainerError::io(out, e))?;
-    let (adapter, base): (Vec<_>, Vec<_>) =
-        params.into_iter().partition(|(p, _)| p.contains(".lora."));
-    let write_model = |tensors: Vec<(String, TensorData)>| -> Result<Exported> {
-        let n = tensors.iter().map(|(_, d)| d.num_elements()).sum();
-        save_safetensors(&tensors, dtype, out.join("model.safetensors"))?;
+    let (adapter, base): (Vec<_>, Vec<_>) = reader
+        .params()
+        .map(|(p, s)| (p.to_string(), s.to_vec()))
+        .filter(|(p, _)| !(config.tie_word_embeddings && p == "lm_head.weight"))
+        .partition(|(p, _)| p.contains(".lora."));
+    let write_model = |value: &dyn Fn(&str) -> Result<TensorData>| -> Result<Exported> {
+        let n = base.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+        write_safetensors(out.join("model.safetensors"), &base, dtype, |i| {
+            value(&base[i].0)
+        })?;
         let json = serde_json::to_string_pretty(&config.to_hf_json())
             .map_err(|e| TrainerError::Argument(e.to_string()))?;
         std::fs::write(out.join("config.json"), json).map_err(|e| TrainerError::io(out, e))?;
@@ -62,10 +72,15 @@ pub fn export(checkpoint: &Path, out: &Path, merge: bool, dtype: DType) -> Resul
             params: n,
         })
     };
+    let read = |path: &str| -> Result<TensorData> { Ok(reader.read(path)?) };
     let Some(lora) = lora else {
-        return write_model(base);
+        return write_model(&read);
     };
-    let factors: BTreeMap<String, TensorData> = adapter.into_iter().collect();
+    // The adapter factors are small (r · (in + out) per target): read them all.
+    let factors: BTreeMap<String, TensorData> = adapter
+        .iter()
+        .map(|(p, _)| Ok((p.clone(), read(p)?)))
+        .collect::<Result<_>>()?;
     let modules: Vec<String> = factors
         .keys()
         .filter_map(|k| k.strip_suffix(".weight.lora.b").map(str::to_string))
@@ -105,29 +120,28 @@ pub fn export(checkpoint: &Path, out: &Path, merge: bool, dtype: DType) -> Resul
     }
     let device = Device::flex();
     let scaling = lora.scaling();
-    let mut merged = Vec::with_capacity(base.len());
-    for (path, w0) in base {
-        let module = path.strip_suffix(".weight");
-        let data = match module.filter(|m| modules.iter().any(|x| x == m)) {
-            Some(m) => {
-                let t = |d: TensorData| {
-                    let shape = d.shape().to_vec();
-                    Tensor::<2>::from_data(d.convert_dtype(DType::F32), (&device, DType::F32))
-                        .reshape([shape[0], shape[1]])
-                };
-                let (a, b) = (t(factor(m, Factor::A)?), t(factor(m, Factor::B)?));
-                let shape = w0.shape().to_vec();
-                let w = t(w0) + b.matmul(a) * scaling;
-                TensorData::new(
-                    w.into_data()
-                        .try_to_vec::<f32>()
-                        .map_err(|e| TrainerError::Argument(format!("{path}: {e:?}")))?,
-                    shape,
-                )
-            }
-            None => w0,
+    let merged = |path: &str| -> Result<TensorData> {
+        let w0 = read(path)?;
+        let module = path
+            .strip_suffix(".weight")
+            .filter(|m| modules.iter().any(|x| x == m));
+        let Some(m) = module else {
+            return Ok(w0);
         };
-        merged.push((path, data));
-    }
-    write_model(merged)
+        let t = |d: TensorData| {
+            let shape = d.shape().to_vec();
+            Tensor::<2>::from_data(d.convert_dtype(DType::F32), (&device, DType::F32))
+                .reshape([shape[0], shape[1]])
+        };
+        let (a, b) = (t(factor(m, Factor::A)?), t(factor(m, Factor::B)?));
+        let shape = w0.shape().to_vec();
+        let w = t(w0) + b.matmul(a) * scaling;
+        Ok(TensorData::new(
+            w.into_data()
+                .try_to_vec::<f32>()
+                .map_err(|e| TrainerError::Argument(format!("{path}: {e:?}")))?,
+            shape,
+        ))
+    };
+    write_model(&merged)
 }

@@ -12,14 +12,14 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, TensorData};
 use half::{bf16, f16};
 use kiln_dist::{ReduceOp, shard_of};
 use kiln_precision::{AdamWState, ScalerState};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{Engine, Stage};
@@ -157,11 +157,12 @@ pub fn read_manifest(dir: impl AsRef<Path>) -> Result<Manifest> {
     Ok(m)
 }
 
-/// The rank files of a checkpoint, mapped and verified against the manifest's sizes and CRCs,
-/// with each file's header read once: where each buffer's piece sits in the file and in the
-/// whole buffer.
+/// A checkpoint's rank files, verified against the manifest's sizes and CRCs, with each file's
+/// header read once: where each buffer's piece sits in the file and in the whole buffer.
+/// Values are read from the files on demand (positioned reads, never a mapping of the whole
+/// file), so a reader holds only the headers and what it is asked for.
 struct Files {
-    maps: Vec<(PathBuf, memmap2::Mmap)>,
+    files: Vec<(PathBuf, fs::File)>,
     /// Per file: buffer name -> its piece.
     pieces: Vec<HashMap<String, Piece>>,
 }
@@ -173,27 +174,48 @@ struct Piece {
     bytes: std::ops::Range<usize>,
 }
 
+impl Piece {
+    fn elem_bytes(&self) -> usize {
+        elem_bytes(self.dtype)
+    }
+
+    fn len(&self) -> usize {
+        self.bytes.len() / self.elem_bytes()
+    }
+}
+
+/// Bytes per element of the dtypes a checkpoint stores (f32, bf16, f16).
+fn elem_bytes(dtype: Dtype) -> usize {
+    if dtype == Dtype::F32 { 4 } else { 2 }
+}
+
 impl Files {
     fn open(dir: &Path, m: &Manifest) -> Result<Self> {
-        let mut maps = Vec::with_capacity(m.files.len());
+        let mut files = Vec::with_capacity(m.files.len());
         let mut pieces = Vec::with_capacity(m.files.len());
         for f in &m.files {
             let path = dir.join(&f.file);
-            let file = fs::File::open(&path).map_err(io(&path))?;
-            // SAFETY: checkpoint files are written once through a rename and never modified in
-            // place; a concurrent writer would change the checksum, which is verified below.
-            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(&path))?;
-            if map.len() as u64 != f.bytes {
+            let mut file = fs::File::open(&path).map_err(io(&path))?;
+            let len = file.metadata().map_err(io(&path))?.len();
+            if len != f.bytes {
                 return Err(err(
                     &path,
                     format!(
-                        "{} bytes, the manifest says {} (truncated or replaced)",
-                        map.len(),
+                        "{len} bytes, the manifest says {} (truncated or replaced)",
                         f.bytes
                     ),
                 ));
             }
-            let crc = crc32fast::hash(&map);
+            let mut hasher = crc32fast::Hasher::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = file.read(&mut buf).map_err(io(&path))?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+            let crc = hasher.finalize();
             if crc != f.crc32 {
                 return Err(err(
                     &path,
@@ -203,35 +225,60 @@ impl Files {
                     ),
                 ));
             }
-            pieces.push(Self::index(&path, &map)?);
-            maps.push((path, map));
+            pieces.push(Self::index(&path, &file, len)?);
+            files.push((path, file));
         }
-        Ok(Self { maps, pieces })
+        Ok(Self { files, pieces })
     }
 
     /// Reads one file's header: every tensor with its global offset (from the metadata) and
     /// its byte range in the file.
-    fn index(path: &Path, map: &[u8]) -> Result<HashMap<String, Piece>> {
-        let st = SafeTensors::deserialize(map).map_err(|e| err(path, e.to_string()))?;
-        let (_, meta) = SafeTensors::read_metadata(map).map_err(|e| err(path, e.to_string()))?;
-        let offsets = meta.metadata().clone().unwrap_or_default();
+    fn index(path: &Path, mut file: &fs::File, len: u64) -> Result<HashMap<String, Piece>> {
+        #[derive(Deserialize)]
+        struct Info {
+            dtype: Dtype,
+            data_offsets: (usize, usize),
+        }
+        let bad = |msg: &str| err(path, format!("not a safetensors file: {msg}"));
+        let mut n = [0u8; 8];
+        file.seek(SeekFrom::Start(0)).map_err(io(path))?;
+        file.read_exact(&mut n).map_err(io(path))?;
+        let n = u64::from_le_bytes(n);
+        if n > len.saturating_sub(8) || n > 100 << 20 {
+            return Err(bad("header length"));
+        }
+        let mut header = vec![0u8; n as usize];
+        file.read_exact(&mut header).map_err(io(path))?;
+        let mut json: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(&header).map_err(|e| bad(&e.to_string()))?;
+        let offsets: HashMap<String, String> = match json.remove("__metadata__") {
+            Some(m) => serde_json::from_value(m).map_err(|e| bad(&e.to_string()))?,
+            None => HashMap::new(),
+        };
+        let data_start = 8 + n as usize;
         let mut out = HashMap::new();
-        for (name, view) in st.tensors() {
+        for (name, info) in json {
             let Some(offset) = offsets.get(&name) else {
                 continue;
             };
+            let info: Info = serde_json::from_value(info).map_err(|e| bad(&e.to_string()))?;
             let offset: usize = offset
                 .parse()
                 .map_err(|_| err(path, format!("offset of {name} is {offset:?}")))?;
-            let start = view.data().as_ptr() as usize - map.as_ptr() as usize;
-            let bytes = start..start + view.data().len();
-            let dtype = view.dtype();
+            if !matches!(info.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16) {
+                return Err(err(path, format!("{name}: dtype {:?}", info.dtype)));
+            }
+            let (lo, hi) = info.data_offsets;
+            if lo > hi || (data_start + hi) as u64 > len || (hi - lo) % elem_bytes(info.dtype) != 0
+            {
+                return Err(bad(&format!("{name}: data offsets [{lo}, {hi})")));
+            }
             out.insert(
                 name,
                 Piece {
                     offset,
-                    dtype,
-                    bytes,
+                    dtype: info.dtype,
+                    bytes: data_start + lo..data_start + hi,
                 },
             );
         }
@@ -240,48 +287,163 @@ impl Files {
 
     /// Assembles the whole `len`-element buffer `name` from the pieces in every file, as f32.
     fn assemble(&self, name: &str, len: usize) -> Result<Vec<f32>> {
-        let mut out = vec![0.0f32; len];
+        self.range(name, 0..len, len)
+    }
+
+    /// Elements `want` of the `len`-element buffer `name`, as f32, read from the pieces of
+    /// every file that hold part of it.
+    fn range(&self, name: &str, want: std::ops::Range<usize>, len: usize) -> Result<Vec<f32>> {
+        let mut out = vec![0.0f32; want.len()];
         let mut covered = 0usize;
-        for ((path, map), pieces) in self.maps.iter().zip(&self.pieces) {
+        for ((path, file), pieces) in self.files.iter().zip(&self.pieces) {
             let Some(piece) = pieces.get(name) else {
                 continue;
             };
-            let bytes = &map[piece.bytes.clone()];
-            let values: Vec<f32> = match piece.dtype {
-                Dtype::F32 => bytes
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-                Dtype::BF16 => bytes
-                    .chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                Dtype::F16 => bytes
-                    .chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                    .collect(),
-                other => return Err(err(path, format!("{name}: dtype {other:?}"))),
-            };
-            let offset = piece.offset;
-            if offset + values.len() > len {
+            let (offset, n) = (piece.offset, piece.len());
+            if offset + n > len {
                 return Err(err(
                     path,
                     format!(
                         "{name}: [{offset}, {}) is outside the buffer of {len}",
-                        offset + values.len()
+                        offset + n
                     ),
                 ));
             }
-            out[offset..offset + values.len()].copy_from_slice(&values);
-            covered += values.len();
+            let (lo, hi) = (want.start.max(offset), want.end.min(offset + n));
+            if lo >= hi {
+                continue;
+            }
+            let size = piece.elem_bytes();
+            let mut file: &fs::File = file;
+            file.seek(SeekFrom::Start(
+                (piece.bytes.start + (lo - offset) * size) as u64,
+            ))
+            .map_err(io(path))?;
+            // Converted 256k elements at a time: the bytes are never held whole.
+            let mut bytes = vec![0u8; (hi - lo).min(1 << 18) * size];
+            for dst in out[lo - want.start..hi - want.start].chunks_mut(1 << 18) {
+                let bytes = &mut bytes[..dst.len() * size];
+                file.read_exact(bytes).map_err(io(path))?;
+                match piece.dtype {
+                    Dtype::F32 => {
+                        for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+                            *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                        }
+                    }
+                    Dtype::BF16 => {
+                        for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                            *d = bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                        }
+                    }
+                    Dtype::F16 => {
+                        for (d, c) in dst.iter_mut().zip(bytes.chunks_exact(2)) {
+                            *d = f16::from_le_bytes([c[0], c[1]]).to_f32();
+                        }
+                    }
+                    other => return Err(err(path, format!("{name}: dtype {other:?}"))),
+                }
+            }
+            covered += hi - lo;
         }
-        if covered != len {
+        if covered != want.len() {
             return Err(err(
-                &self.maps.first().map(|m| m.0.clone()).unwrap_or_default(),
-                format!("{name}: the files hold {covered} of {len} elements"),
+                &self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
+                format!(
+                    "{name}: the files hold {covered} of the {} elements [{}, {})",
+                    want.len(),
+                    want.start,
+                    want.end
+                ),
             ));
         }
         Ok(out)
+    }
+}
+
+/// One parameter of a checkpoint: where it is in its unit's flat buffer.
+struct Entry {
+    path: String,
+    shape: Vec<usize>,
+    buffer: String,
+    at: usize,
+    buffer_len: usize,
+}
+
+/// Every parameter of a checkpoint, one at a time, with no ranks: trainable ones from the f32
+/// master, frozen ones as stored (the run's compute dtype, returned as f32, exactly). Opening
+/// verifies every file's size and CRC-32 and reads only the headers; [`read`](Self::read)
+/// then reads one tensor's bytes, so `kiln export` holds one tensor at a time, never the
+/// whole model.
+pub struct CheckpointReader {
+    manifest: Manifest,
+    files: Files,
+    entries: Vec<Entry>,
+    index: HashMap<String, usize>,
+}
+
+impl CheckpointReader {
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let manifest = read_manifest(dir)?;
+        let files = Files::open(dir, &manifest)?;
+        let mut entries = Vec::new();
+        for (u, unit) in manifest.units.iter().enumerate() {
+            for (kind, params) in [("master", &unit.trainable), ("frozen", &unit.frozen)] {
+                let buffer_len: usize = params
+                    .iter()
+                    .map(|(_, s)| s.iter().product::<usize>())
+                    .sum();
+                let mut at = 0;
+                for (path, shape) in params {
+                    entries.push(Entry {
+                        path: path.clone(),
+                        shape: shape.clone(),
+                        buffer: format!("u{u}.{kind}"),
+                        at,
+                        buffer_len,
+                    });
+                    at += shape.iter().product::<usize>();
+                }
+            }
+        }
+        let index = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.path.clone(), i))
+            .collect();
+        Ok(Self {
+            manifest,
+            files,
+            entries,
+            index,
+        })
+    }
+
+    /// The checkpoint's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Every parameter's path and shape, in checkpoint order (unit by unit, trainable first).
+    pub fn params(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.entries.iter().map(|e| (e.path.as_str(), &e.shape[..]))
+    }
+
+    /// Whether the checkpoint holds parameter `path`.
+    pub fn contains(&self, path: &str) -> bool {
+        self.index.contains_key(path)
+    }
+
+    /// The values of parameter `path`, f32, in its shape.
+    pub fn read(&self, path: &str) -> Result<TensorData> {
+        let e = self
+            .index
+            .get(path)
+            .map(|&i| &self.entries[i])
+            .ok_or_else(|| ZeroError::Model(format!("the checkpoint has no parameter `{path}`")))?;
+        let n: usize = e.shape.iter().product();
+        let values = self.files.range(&e.buffer, e.at..e.at + n, e.buffer_len)?;
+        Ok(TensorData::new(values, e.shape.clone()))
     }
 }
 
@@ -293,38 +455,18 @@ fn unit_manifest(entries: &kiln_precision::FlatLayout) -> Vec<(String, Vec<usize
         .collect()
 }
 
-/// Every parameter of a checkpoint, whole, by path: trainable ones from the f32 master,
-/// frozen ones as stored (the run's compute dtype, returned as f32, exactly). No ranks needed:
-/// this is what `kiln export` writes as HF safetensors.
+/// Every parameter of a checkpoint, whole, by path (all of them at once: see
+/// [`CheckpointReader`] to read one at a time): trainable ones from the f32 master, frozen
+/// ones as stored (the run's compute dtype, returned as f32, exactly). No ranks needed.
 pub fn read_full_checkpoint(
     dir: impl AsRef<Path>,
 ) -> Result<(Manifest, Vec<(String, TensorData)>)> {
-    let dir = dir.as_ref();
-    let m = read_manifest(dir)?;
-    let files = Files::open(dir, &m)?;
-    let mut out = Vec::new();
-    for (u, unit) in m.units.iter().enumerate() {
-        for (kind, params) in [("master", &unit.trainable), ("frozen", &unit.frozen)] {
-            let len: usize = params
-                .iter()
-                .map(|(_, s)| s.iter().product::<usize>())
-                .sum();
-            if len == 0 {
-                continue;
-            }
-            let full = files.assemble(&format!("u{u}.{kind}"), len)?;
-            let mut at = 0;
-            for (path, shape) in params {
-                let n: usize = shape.iter().product();
-                out.push((
-                    path.clone(),
-                    TensorData::new(full[at..at + n].to_vec(), shape.clone()),
-                ));
-                at += n;
-            }
-        }
-    }
-    Ok((m, out))
+    let reader = CheckpointReader::open(dir)?;
+    let params = reader
+        .params()
+        .map(|(path, _)| Ok((path.to_string(), reader.read(path)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((reader.manifest, params))
 }
 
 impl<U: Units> Engine<U> {

@@ -52,7 +52,9 @@ mod layout;
 mod shard;
 mod units;
 
-pub use checkpoint::{Manifest, latest_checkpoint, read_full_checkpoint, read_manifest};
+pub use checkpoint::{
+    CheckpointReader, Manifest, latest_checkpoint, read_full_checkpoint, read_manifest,
+};
 pub use engine::{Engine, MemoryReport, Stage, StepReport, ZeroConfig};
 pub use error::{Result, ZeroError};
 pub use estimate::{
