@@ -559,6 +559,7 @@ mod tests {
                 &SpecialTokens::default(),
             )
             .unwrap();
-        assert_eq!((text.as_str(), spans), ("qa", vec![1..2]));
+        assert_eq!(text, "qa");
+        assert_eq!(spans, vec![std::ops::Range { start: 1, end: 2 }]);
     }
 }

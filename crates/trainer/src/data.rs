@@ -1,5 +1,5 @@
-//! Data: tokenizers, examples with masked labels, the three tasks, and a deterministic,
-//! resumable, shardable stream of global batches.
+//! Data: examples with masked labels, the three tasks (tokenizers in [`crate::tokenizer`]),
+//! and a deterministic, resumable, shardable stream of global batches.
 //!
 //! # Labels
 //! An [`Example`] holds `ids` and `labels` of the same length (`seq_len`). `labels` are the ids

@@ -21,6 +21,9 @@ pub const BYTE_EOS: i64 = 257;
 /// Byte tokenizer: padding.
 pub const BYTE_PAD: i64 = 258;
 
+/// Token ids and each token's byte range in the text.
+pub type Encoding = (Vec<i64>, Vec<(usize, usize)>);
+
 /// A tokenizer: the built-in byte tokenizer or a Hugging Face `tokenizer.json`.
 #[derive(Debug, Clone)]
 pub enum Tokenizer {
@@ -77,7 +80,7 @@ impl Tokenizer {
 
     /// [`encode`](Self::encode) with each token's byte range in `text` (the byte tokenizer:
     /// one byte per token).
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<Encoding> {
         match self {
             Tokenizer::Byte | Tokenizer::ByteSpecial { .. } => Ok((
                 text.bytes().map(i64::from).collect(),
@@ -257,7 +260,7 @@ impl HfTokenizer {
         })
     }
 
-    fn encode(&self, text: &str) -> Result<(Vec<i64>, Vec<(usize, usize)>)> {
+    fn encode(&self, text: &str) -> Result<Encoding> {
         let enc = self
             .inner
             .encode(text, false)
