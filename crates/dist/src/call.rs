@@ -157,14 +157,9 @@ pub(crate) fn validate(calls: &[Call]) -> Result<(), DistError> {
             )
     });
     if !same {
-        let list: Vec<String> = calls
-            .iter()
-            .enumerate()
-            .map(|(r, c)| format!("rank {r} called {c}"))
-            .collect();
         return Err(DistError::Mismatch {
             seq: first.seq,
-            detail: list.join(", "),
+            detail: grouped(calls),
         });
     }
     if first.op == Collective::Broadcast && first.root >= world {
@@ -200,9 +195,72 @@ pub(crate) fn validate(calls: &[Call]) -> Result<(), DistError> {
     Ok(())
 }
 
+/// What each rank called, ranks with the same call grouped into ranges (`ranks 0-127 called
+/// all_reduce #5 (...); ranks 128-255 called all_gather #5 (...)`), so the message of a
+/// 256-rank job stays one readable line; at most 8 distinct calls are listed.
+fn grouped(calls: &[Call]) -> String {
+    const SHOWN: usize = 8;
+    let mut groups: Vec<(String, Vec<usize>)> = Vec::new();
+    for (r, c) in calls.iter().enumerate() {
+        let text = c.to_string();
+        match groups.iter_mut().find(|(t, _)| *t == text) {
+            Some((_, ranks)) => ranks.push(r),
+            None => groups.push((text, vec![r])),
+        }
+    }
+    let mut parts: Vec<String> = groups
+        .iter()
+        .take(SHOWN)
+        .map(|(text, ranks)| {
+            let label = if ranks.len() == 1 { "rank" } else { "ranks" };
+            format!("{label} {} called {text}", rank_list(ranks))
+        })
+        .collect();
+    if groups.len() > SHOWN {
+        parts.push(format!("and {} other calls", groups.len() - SHOWN));
+    }
+    parts.join("; ")
+}
+
+/// `[0, 1, 2, 5, 7, 8]` as `0-2, 5, 7-8`.
+pub fn rank_list(ranks: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < ranks.len() {
+        let mut j = i;
+        while j + 1 < ranks.len() && ranks[j + 1] == ranks[j] + 1 {
+            j += 1;
+        }
+        out.push(match j > i {
+            true => format!("{}-{}", ranks[i], ranks[j]),
+            false => ranks[i].to_string(),
+        });
+        i = j + 1;
+    }
+    out.join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mismatch_on_many_ranks_is_grouped_into_rank_list() {
+        let mut calls = vec![call(Collective::AllReduce, 1); 256];
+        for c in &mut calls[128..] {
+            *c = call(Collective::AllGather, 8);
+        }
+        calls[200] = call(Collective::Barrier, 0);
+        let e = validate(&calls).unwrap_err().to_string();
+        assert!(e.len() < 300, "{} bytes: {e}", e.len());
+        assert!(e.contains("ranks 0-127 called all_reduce #3"), "{e}");
+        assert!(
+            e.contains("ranks 128-199, 201-255 called all_gather #3"),
+            "{e}"
+        );
+        assert!(e.contains("rank 200 called barrier #3"), "{e}");
+        assert_eq!(rank_list(&[0, 1, 2, 5, 7, 8]), "0-2, 5, 7-8");
+    }
 
     fn call(op: Collective, len: usize) -> Call {
         Call {

@@ -43,7 +43,7 @@ mod nccl;
 #[cfg(feature = "burn")]
 mod tensor;
 
-pub use call::Collective;
+pub use call::{Collective, rank_list};
 pub use comm::Communicator;
 pub use element::{DType, Element, ReduceOp};
 pub use env::{Launcher, RankEnv};

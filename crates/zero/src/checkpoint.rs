@@ -37,6 +37,11 @@ pub const LATEST: &str = "latest";
 /// What `manifest.json` holds.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Manifest {
+    /// `crc32:xxxxxxxx` of the manifest's own text without this line (see
+    /// [`manifest_text`]): an edited or damaged manifest is refused like a damaged rank file.
+    /// Set when written; `None` in a manifest being built.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
     pub format: String,
     /// Ranks that wrote the checkpoint.
     pub world_size: usize,
@@ -92,11 +97,81 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).map_err(io(path))
 }
 
-fn sync_dir(dir: &Path) {
-    // Best effort: makes the renames durable where the platform allows opening a directory.
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
+/// Reads a regular text file of at most `cap` bytes (a manifest).
+fn read_small(path: &Path, cap: u64) -> Result<String> {
+    let file = fs::File::open(path).map_err(io(path))?;
+    if !file.metadata().map_err(io(path))?.is_file() {
+        return Err(err(path, "not a regular file"));
     }
+    let mut text = String::new();
+    file.take(cap + 1)
+        .read_to_string(&mut text)
+        .map_err(io(path))?;
+    if text.len() as u64 > cap {
+        return Err(err(path, format!("more than {} MB", cap >> 20)));
+    }
+    Ok(text)
+}
+
+/// fsyncs a folder, so the names created or renamed in it survive a crash (the files' own
+/// contents were synced before their rename by [`write_atomic`]). On platforms where a folder
+/// cannot be opened (Windows) this does nothing.
+fn sync_dir(dir: &Path) -> Result<()> {
+    match fs::File::open(dir) {
+        Ok(d) => d.sync_all().or_else(|e| match e.kind() {
+            // Some filesystems do not sync folders; the renames are as durable as they get.
+            std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported => Ok(()),
+            _ => Err(err(dir, format!("fsync of the folder: {e}"))),
+        }),
+        Err(_) if cfg!(windows) => Ok(()),
+        Err(e) => Err(err(dir, e.to_string())),
+    }
+}
+
+/// The line that carries the manifest's checksum, as `serde_json::to_vec_pretty` writes the
+/// first field of [`Manifest`].
+const CHECKSUM_LINE: &str = "\n  \"checksum\": \"crc32:";
+
+/// The text of `manifest.json`: the pretty JSON of `m`, with `checksum` set to the CRC-32 of
+/// that same text without its checksum line.
+pub fn manifest_text(m: &Manifest) -> Result<Vec<u8>> {
+    let mut m = m.clone();
+    m.checksum = None;
+    let body = serde_json::to_vec_pretty(&m).map_err(|e| ZeroError::Model(e.to_string()))?;
+    m.checksum = Some(format!("crc32:{:08x}", crc32fast::hash(&body)));
+    serde_json::to_vec_pretty(&m).map_err(|e| ZeroError::Model(e.to_string()))
+}
+
+/// Checks the checksum of a manifest's text (`path` names it in errors).
+fn verify_manifest(path: &Path, text: &str) -> Result<()> {
+    let Some(at) = text
+        .find(CHECKSUM_LINE)
+        .filter(|&at| text[..at].trim() == "{")
+    else {
+        return Err(err(
+            path,
+            "no checksum line (written by a kiln without manifest checksums, or edited)",
+        ));
+    };
+    let end = text[at + 1..].find('\n').map_or(text.len(), |n| at + 1 + n);
+    let line = &text[at + 1..end];
+    let stored = line
+        .trim()
+        .trim_end_matches(',')
+        .trim_start_matches("\"checksum\": \"crc32:")
+        .trim_end_matches('"');
+    let body = format!("{}{}", &text[..at], &text[end..]);
+    let actual = format!("{:08x}", crc32fast::hash(body.as_bytes()));
+    if stored != actual {
+        return Err(err(
+            path,
+            format!(
+                "checksum crc32:{actual}, the manifest says crc32:{stored} (edited or corrupted; \
+                 a manifest cannot be changed by hand)"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn dtype_name(d: DType) -> String {
@@ -123,7 +198,14 @@ pub fn latest_checkpoint(root: impl AsRef<Path>) -> Result<Option<PathBuf>> {
     let latest = root.join(LATEST);
     match fs::read_to_string(&latest) {
         Ok(name) => {
-            let dir = root.join(name.trim());
+            let name = name.trim();
+            if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+                return Err(err(
+                    &latest,
+                    format!("names {name:?}, which is not a checkpoint folder name"),
+                ));
+            }
+            let dir = root.join(name);
             if !dir.join(MANIFEST).is_file() {
                 return Err(err(
                     &latest,
@@ -140,8 +222,9 @@ pub fn latest_checkpoint(root: impl AsRef<Path>) -> Result<Option<PathBuf>> {
 /// Reads and checks `dir/manifest.json`.
 pub fn read_manifest(dir: impl AsRef<Path>) -> Result<Manifest> {
     let path = dir.as_ref().join(MANIFEST);
-    let text = fs::read_to_string(&path).map_err(io(&path))?;
+    let text = read_small(&path, 256 << 20)?;
     let m: Manifest = serde_json::from_str(&text).map_err(|e| err(&path, e.to_string()))?;
+    verify_manifest(&path, &text)?;
     if m.format != FORMAT {
         return Err(err(
             &path,
@@ -153,6 +236,18 @@ pub fn read_manifest(dir: impl AsRef<Path>) -> Result<Manifest> {
             &path,
             format!("{} files for {} ranks", m.files.len(), m.world_size),
         ));
+    }
+    for f in &m.files {
+        // A file name is a plain name inside the folder, never a path out of it.
+        if f.file.is_empty() || f.file.contains(['/', '\\']) || f.file.starts_with('.') {
+            return Err(err(
+                &path,
+                format!(
+                    "rank {} file {:?} is not a file name in the folder",
+                    f.rank, f.file
+                ),
+            ));
+        }
     }
     Ok(m)
 }
@@ -196,7 +291,11 @@ impl Files {
         for f in &m.files {
             let path = dir.join(&f.file);
             let mut file = fs::File::open(&path).map_err(io(&path))?;
-            let len = file.metadata().map_err(io(&path))?.len();
+            let meta = file.metadata().map_err(io(&path))?;
+            if !meta.is_file() {
+                return Err(err(&path, "not a regular file"));
+            }
+            let len = meta.len();
             if len != f.bytes {
                 return Err(err(
                     &path,
@@ -293,6 +392,23 @@ impl Files {
     /// Elements `want` of the `len`-element buffer `name`, as f32, read from the pieces of
     /// every file that hold part of it.
     fn range(&self, name: &str, want: std::ops::Range<usize>, len: usize) -> Result<Vec<f32>> {
+        // What the files hold for `name`, counted before anything is allocated: a manifest
+        // whose shapes ask for more than the files hold is an error, not an allocation.
+        let held: usize = self
+            .pieces
+            .iter()
+            .filter_map(|p| p.get(name))
+            .map(Piece::len)
+            .sum();
+        if held != len || want.start > want.end || want.end > len {
+            return Err(err(
+                &self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
+                format!(
+                    "{name}: the files hold {held} elements, the manifest asks for [{}, {}) of {len}",
+                    want.start, want.end
+                ),
+            ));
+        }
         let mut out = vec![0.0f32; want.len()];
         let mut covered = 0usize;
         for ((path, file), pieces) in self.files.iter().zip(&self.pieces) {
@@ -300,12 +416,11 @@ impl Files {
                 continue;
             };
             let (offset, n) = (piece.offset, piece.len());
-            if offset + n > len {
+            if offset.checked_add(n).is_none_or(|end| end > len) {
                 return Err(err(
                     path,
                     format!(
-                        "{name}: [{offset}, {}) is outside the buffer of {len}",
-                        offset + n
+                        "{name}: {n} elements at offset {offset} are outside the buffer of {len}"
                     ),
                 ));
             }
@@ -321,7 +436,10 @@ impl Files {
             .map_err(io(path))?;
             // Converted 256k elements at a time: the bytes are never held whole.
             let mut bytes = vec![0u8; (hi - lo).min(1 << 18) * size];
-            for dst in out[lo - want.start..hi - want.start].chunks_mut(1 << 18) {
+            for (chunk, dst) in out[lo - want.start..hi - want.start]
+                .chunks_mut(1 << 18)
+                .enumerate()
+            {
                 let bytes = &mut bytes[..dst.len() * size];
                 file.read_exact(bytes).map_err(io(path))?;
                 match piece.dtype {
@@ -341,6 +459,17 @@ impl Files {
                         }
                     }
                     other => return Err(err(path, format!("{name}: dtype {other:?}"))),
+                }
+                if let Some(i) = dst.iter().position(|v| !v.is_finite()) {
+                    let at = lo + (chunk << 18) + i;
+                    return Err(err(
+                        path,
+                        format!(
+                            "{name}: element {at} is {} (kiln never writes a non-finite \
+                             checkpoint: damaged or written by an older kiln)",
+                            dst[i]
+                        ),
+                    ));
                 }
             }
             covered += hi - lo;
@@ -389,10 +518,12 @@ impl CheckpointReader {
         let mut entries = Vec::new();
         for (u, unit) in manifest.units.iter().enumerate() {
             for (kind, params) in [("master", &unit.trainable), ("frozen", &unit.frozen)] {
-                let buffer_len: usize = params
-                    .iter()
-                    .map(|(_, s)| s.iter().product::<usize>())
-                    .sum();
+                let buffer_len = params_numel(params).ok_or_else(|| {
+                    err(
+                        &dir.join(MANIFEST),
+                        format!("unit {u}: the {kind} parameter shapes overflow"),
+                    )
+                })?;
                 let mut at = 0;
                 for (path, shape) in params {
                     entries.push(Entry {
@@ -469,7 +600,66 @@ pub fn read_full_checkpoint(
     Ok((reader.manifest, params))
 }
 
+/// Elements of all `params` (`None` on overflow).
+fn params_numel(params: &[(String, Vec<usize>)]) -> Option<usize> {
+    params.iter().try_fold(0usize, |total, (_, shape)| {
+        let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        total.checked_add(n)
+    })
+}
+
 impl<U: Units> Engine<U> {
+    /// Where this rank's master weights or AdamW moments are NaN or infinite: `(unit, buffer,
+    /// parameter path, value)` of the first such element, `None` when all are finite. A
+    /// diverged update (a learning rate of 1e300) shows here before it can be checkpointed.
+    pub fn first_non_finite(&self) -> Option<(usize, &'static str, String, f32)> {
+        for (u, s) in self.state.iter().enumerate() {
+            let opt = s.master.optimizer_state();
+            for (kind, values) in [
+                ("master weights", s.master.params()),
+                ("exp_avg", &opt.exp_avg[..]),
+                ("exp_avg_sq", &opt.exp_avg_sq[..]),
+            ] {
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    let at = s.layout.shard.offset + i;
+                    let path = s
+                        .layout
+                        .flat
+                        .entries()
+                        .iter()
+                        .find(|e| e.offset <= at && at < e.offset + e.numel)
+                        .map_or_else(|| "(padding)".to_string(), |e| e.path.clone());
+                    return Some((u, kind, path, values[i]));
+                }
+            }
+        }
+        None
+    }
+
+    /// Errors on every rank when any rank's master weights or optimizer state are not finite,
+    /// naming the ranks, the unit and the parameter (a collective).
+    pub fn check_finite(&mut self, what: &str) -> Result<()> {
+        let local = self.first_non_finite();
+        let mine = [i64::from(local.is_some())];
+        let flags = self.comm.all_gather(&mine, self.comm.world_size())?;
+        let bad: Vec<usize> = (0..flags.len()).filter(|&r| flags[r] != 0).collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let detail = match local {
+            Some((u, kind, path, v)) => format!(
+                "; on this rank ({}) the {kind} of unit {u} hold {v} at `{path}`",
+                self.comm.rank()
+            ),
+            None => String::new(),
+        };
+        Err(ZeroError::NonFinite(format!(
+            "{what}: the parameters are not finite on rank(s) {}{detail} (the training diverged: \
+             a learning rate too high for this model, or bad data)",
+            kiln_dist::rank_list(&bad)
+        )))
+    }
+
     /// The global range of a flat buffer of `numel` elements this rank writes: its shard when
     /// the stage shards that buffer, its `shard_of` slice otherwise.
     fn owned_range(
@@ -567,24 +757,33 @@ impl<U: Units> Engine<U> {
         let (rank, world) = (self.comm.rank(), self.comm.world_size());
         let tmp = root.join(format!("{name}.tmp"));
         let done = root.join(name);
+        // A checkpoint of diverged weights would replace the last good one as `latest`.
+        self.check_finite(&format!("refusing to write checkpoint {}", done.display()))?;
 
         // Rank 0 clears a stale temporary folder of an interrupted save.
         let mut failed = [0i64];
+        let mut reason = String::from("rank 0 could not create the folder");
         if rank == 0 {
             let prepared = (|| {
+                if root.exists() && !root.is_dir() {
+                    return Err(std::io::Error::other(format!(
+                        "{} exists and is not a folder",
+                        root.display()
+                    )));
+                }
                 if tmp.exists() {
                     fs::remove_dir_all(&tmp)?;
                 }
                 fs::create_dir_all(&tmp)
             })();
             if let Err(e) = prepared {
-                tracing::error!("checkpoint {}: {e}", tmp.display());
+                reason = format!("{reason}: {e}");
                 failed[0] = 1;
             }
         }
         self.comm.all_reduce(&mut failed, ReduceOp::Max)?;
         if failed[0] != 0 {
-            return Err(err(&tmp, "rank 0 could not create the folder"));
+            return Err(err(&tmp, reason));
         }
 
         let file = format!("rank-{rank:05}-of-{world:05}.safetensors");
@@ -594,23 +793,31 @@ impl<U: Units> Engine<U> {
                 write_atomic(&tmp.join(&file), &bytes)?;
                 Ok((bytes.len() as i64, i64::from(crc32fast::hash(&bytes))))
             })
-            .map_err(|e| tracing::error!("checkpoint rank {rank}: {e}"));
-        let mine = match written {
-            Ok((bytes, crc)) => [0, bytes, crc],
-            Err(()) => [1, 0, 0],
+            .map_err(|e| e.to_string());
+        let mine = match &written {
+            Ok((bytes, crc)) => [0, *bytes, *crc],
+            Err(_) => [1, 0, 0],
         };
         let all = self.comm.all_gather(&mine, 3 * world)?;
         let bad: Vec<usize> = (0..world).filter(|r| all[3 * r] != 0).collect();
         if !bad.is_empty() {
+            let own = match written {
+                Err(e) => format!(" (rank {rank}: {e})"),
+                Ok(_) => String::new(),
+            };
             return Err(err(
                 &tmp,
-                format!("ranks {bad:?} failed to write their files"),
+                format!(
+                    "rank(s) {} failed to write their files{own}",
+                    kiln_dist::rank_list(&bad)
+                ),
             ));
         }
 
         let mut failed = [0i64];
         if rank == 0 {
             let manifest = Manifest {
+                checksum: None,
                 format: FORMAT.into(),
                 world_size: world,
                 stage: self.config.stage,
@@ -639,10 +846,8 @@ impl<U: Units> Engine<U> {
                 extra,
             };
             let finish = || -> Result<()> {
-                let json =
-                    serde_json::to_vec_pretty(&manifest).map_err(|e| err(&tmp, e.to_string()))?;
-                write_atomic(&tmp.join(MANIFEST), &json)?;
-                sync_dir(&tmp);
+                write_atomic(&tmp.join(MANIFEST), &manifest_text(&manifest)?)?;
+                sync_dir(&tmp)?;
                 if done.exists() {
                     let old = root.join(format!("{name}.old"));
                     if old.exists() {
@@ -654,18 +859,22 @@ impl<U: Units> Engine<U> {
                 } else {
                     fs::rename(&tmp, &done).map_err(io(&done))?;
                 }
+                sync_dir(root)?;
                 write_atomic(&root.join(LATEST), name.as_bytes())?;
-                sync_dir(root);
+                sync_dir(root)?;
                 Ok(())
             };
             if let Err(e) = finish() {
-                tracing::error!("{e}");
+                reason = format!("rank 0 could not finish the checkpoint: {e}");
                 failed[0] = 1;
             }
         }
         self.comm.all_reduce(&mut failed, ReduceOp::Max)?;
         if failed[0] != 0 {
-            return Err(err(&done, "rank 0 could not finish the checkpoint"));
+            if rank != 0 {
+                reason = "rank 0 could not finish the checkpoint".into();
+            }
+            return Err(err(&done, reason));
         }
         Ok(done)
     }

@@ -18,6 +18,9 @@ pub enum ZeroError {
         path: std::path::PathBuf,
         msg: String,
     },
+    /// Master weights or optimizer state hold NaN or inf (a diverged run).
+    #[error("{0}")]
+    NonFinite(String),
     #[error("config field `{field}`: {msg}")]
     Config { field: &'static str, msg: String },
 }

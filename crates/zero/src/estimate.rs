@@ -135,12 +135,14 @@ pub struct ActivationShape {
 /// With `recompute` (one unit re-run during backward), only each block's input is kept, plus one
 /// block's full set at a time.
 pub fn activation_bytes(s: &ActivationShape, recompute: bool) -> f64 {
-    let t = (s.batch * s.seq) as f64;
+    // In f64 throughout: sizes a user types (`--seq 5000000000`) overflow usize products.
+    let (b, sq) = (s.batch as f64, s.seq as f64);
+    let t = b * sq;
     let (h, i, e) = (s.hidden as f64, s.intermediate as f64, s.bytes as f64);
-    let kv = (s.kv_heads * (s.hidden / s.heads.max(1))) as f64;
+    let kv = s.kv_heads as f64 * (s.hidden / s.heads.max(1)) as f64;
     let layer = t * (6.0 * h + 2.0 * kv + 3.0 * i) * e + t * 8.0 * (1.0 + s.heads as f64);
     let head = 2.0 * t * h * e + 8.0 * t + 2.0 * t * s.vocab as f64 * e;
-    let mask = (s.batch * s.seq * s.seq) as f64;
+    let mask = b * sq * sq;
     let blocks = if recompute {
         s.layers as f64 * t * h * e + layer
     } else {

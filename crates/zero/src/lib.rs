@@ -53,7 +53,8 @@ mod shard;
 mod units;
 
 pub use checkpoint::{
-    CheckpointReader, Manifest, latest_checkpoint, read_full_checkpoint, read_manifest,
+    CheckpointReader, Manifest, latest_checkpoint, manifest_text, read_full_checkpoint,
+    read_manifest,
 };
 pub use engine::{Engine, MemoryReport, Stage, StepReport, ZeroConfig};
 pub use error::{Result, ZeroError};
