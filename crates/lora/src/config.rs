@@ -206,10 +206,12 @@ impl LoraConfig {
         if self.r == 0 {
             return Err(bad("r", "must be at least 1"));
         }
-        if !self.alpha.is_finite() {
+        // alpha = 0 makes the adapter a no-op that still trains, a negative one flips it:
+        // neither is what a user means (kiln's TOML `lora.alpha` refuses them too).
+        if !(self.alpha.is_finite() && self.alpha > 0.0) {
             return Err(bad(
                 "lora_alpha",
-                format!("must be finite, found {}", self.alpha),
+                format!("must be a positive number, found {}", self.alpha),
             ));
         }
         if !(0.0..1.0).contains(&self.dropout) {
@@ -255,7 +257,16 @@ impl LoraConfig {
     /// Reads an `adapter_config.json` file.
     pub fn from_file(path: impl AsRef<std::path::Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| LoraError::Io {
+        // At most 64 MB: a device or an endless pipe is an error, not a read that fills memory.
+        let read = || -> std::io::Result<String> {
+            use std::io::Read;
+            let mut text = String::new();
+            std::fs::File::open(path)?
+                .take(64 << 20)
+                .read_to_string(&mut text)?;
+            Ok(text)
+        };
+        let text = read().map_err(|source| LoraError::Io {
             path: path.to_path_buf(),
             source,
         })?;
@@ -263,7 +274,10 @@ impl LoraConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_json(&json)
+        Self::from_json(&json).map_err(|e| LoraError::InFile {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
     }
 
     /// Reads an `adapter_config.json` object. Refuses configs that ask for something kiln does not

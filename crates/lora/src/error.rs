@@ -19,6 +19,20 @@ pub enum LoraError {
     Safetensors { path: PathBuf, reason: String },
     #[error("adapter config field `{field}`: {reason}")]
     Config { field: &'static str, reason: String },
+    /// An error in a file, with the file's path (an `adapter_config.json` whose field is bad).
+    #[error("{path}: {source}")]
+    InFile {
+        path: PathBuf,
+        #[source]
+        source: Box<LoraError>,
+    },
+    #[error("{path}: tensor `{key}` is not finite: element {index} is {value}")]
+    NonFinite {
+        path: PathBuf,
+        key: String,
+        index: usize,
+        value: f32,
+    },
     #[error("target_modules {targets} select no linear weight of the model")]
     NoTargets { targets: String },
     #[error("{source_name}: adapter targets {modules:?}, which the model has no 2-D `weight` for")]

@@ -57,7 +57,15 @@ impl PeftAdapter {
         let dir = dir.as_ref();
         let config = LoraConfig::from_file(dir.join(CONFIG_FILE))?;
         let weights_path = dir.join(WEIGHTS_FILE);
-        let bytes = std::fs::read(&weights_path).map_err(|source| LoraError::Io {
+        let read = || -> std::io::Result<Vec<u8>> {
+            if !std::fs::metadata(&weights_path)?.is_file() {
+                return Err(std::io::Error::other(
+                    "not a regular file (a folder, device or pipe)",
+                ));
+            }
+            std::fs::read(&weights_path)
+        };
+        let bytes = read().map_err(|source| LoraError::Io {
             path: weights_path.clone(),
             source,
         })?;
@@ -81,6 +89,17 @@ impl PeftAdapter {
             };
             let data =
                 TensorData::from_bytes_vec(view.data().to_vec(), view.shape().to_vec(), dtype);
+            // A NaN or inf factor poisons every forward and step: refuse it at the door.
+            if let Some((index, value)) =
+                data.iter::<f32>().enumerate().find(|(_, v)| !v.is_finite())
+            {
+                return Err(LoraError::NonFinite {
+                    path: weights_path.clone(),
+                    key,
+                    index,
+                    value,
+                });
+            }
             tensors.insert(key, data);
         }
         let adapter = Self { config, tensors };
@@ -127,9 +146,9 @@ impl PeftAdapter {
                 }
             };
             for (data, factor) in [(a, Factor::A), (b, Factor::B)] {
-                let shape = data.shape();
+                let shape = data.shape().as_slice();
                 let rank_dim = if factor == Factor::A { 0 } else { 1 };
-                if shape.len() != 2 || shape.iter().any(|&d| d == 0) || shape[rank_dim] != r {
+                if shape.len() != 2 || shape.contains(&0) || shape[rank_dim] != r {
                     return Err(unexpected(
                         &peft_key(module, factor),
                         format!("shape {shape:?} is not a non-empty 2-D factor of rank r={r}"),

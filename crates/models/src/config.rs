@@ -36,6 +36,26 @@ pub struct LlamaConfig {
     pub tie_word_embeddings: bool,
 }
 
+/// Parameters per unit of a Llama ([`LlamaConfig::unit_sizes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitSizes {
+    /// `model.embed_tokens`.
+    pub embed: usize,
+    /// One decoder block.
+    pub block: usize,
+    /// The final norm and, unless tied, `lm_head`.
+    pub head: usize,
+    /// The whole model.
+    pub total: usize,
+}
+
+impl UnitSizes {
+    /// The largest unit (what ZeRO-3 gathers at once).
+    pub fn largest(&self) -> usize {
+        self.embed.max(self.block).max(self.head)
+    }
+}
+
 /// `config.json` as written by transformers 4 (rope at the top level, `rope_scaling`) or 5
 /// (`rope_parameters`); optional fields take HF's defaults.
 #[derive(Deserialize)]
@@ -93,31 +113,48 @@ impl LlamaConfig {
     /// Reads and validates a HF `config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.into(),
-            source,
-        })?;
-        Self::from_json(&text).map_err(|e| match e {
-            ModelError::Input(reason) => ModelError::Parse {
+        let text = crate::weights::read_text_capped(path, crate::weights::CONFIG_CAP).map_err(
+            |source| ModelError::Io {
                 path: path.into(),
-                reason,
+                source,
             },
-            other => other,
+        )?;
+        // Every error names the file: a bad field of `config.json` is reported as
+        // `dir/config.json: config field `rope_theta`: ...`.
+        Self::from_json(&text).map_err(|e| ModelError::Parse {
+            path: path.into(),
+            reason: match e {
+                ModelError::Input(reason) => reason,
+                other => other.to_string(),
+            },
         })
     }
 
     /// Parses and validates the text of a HF `config.json`.
     pub fn from_json(text: &str) -> Result<Self> {
+        // serde_path_to_error names the field of a wrong type (`hidden_size: invalid type ...`).
         let raw: HfConfig =
-            serde_json::from_str(text).map_err(|e| ModelError::Input(e.to_string()))?;
+            serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(text))
+                .map_err(|e| {
+                    let path = e.path().to_string();
+                    match path.as_str() {
+                        "" | "." => ModelError::Input(e.into_inner().to_string()),
+                        _ => {
+                            ModelError::Input(format!("config field `{path}`: {}", e.into_inner()))
+                        }
+                    }
+                })?;
         let rope = raw.rope_parameters.as_ref().or(raw.rope_scaling.as_ref());
-        let rope_theta = raw
-            .rope_theta
-            .or_else(|| {
-                rope.and_then(|r| r.get("rope_theta"))
-                    .and_then(|v| v.as_f64())
-            })
-            .unwrap_or(10_000.0);
+        let nested_theta = match rope.and_then(|r| r.get("rope_theta")) {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(v.as_f64().ok_or_else(|| {
+                bad(
+                    "rope_parameters.rope_theta",
+                    format!("expected a number, found {v}"),
+                )
+            })?),
+        };
+        let rope_theta = raw.rope_theta.or(nested_theta).unwrap_or(10_000.0);
         let rope_scaling = match rope {
             None => RopeScaling::Default,
             Some(r) => rope_scaling_from(r)?,
@@ -203,6 +240,42 @@ impl LlamaConfig {
                 format!("{} must be a number above 1", self.rope_theta),
             ));
         }
+        if let RopeScaling::Llama3 {
+            factor,
+            low_freq_factor,
+            high_freq_factor,
+            original_max_position_embeddings,
+        } = self.rope_scaling
+        {
+            // HF's `_validate_llama3_parameters` (it only warns): a factor below 1, equal low
+            // and high factors or no original context make the frequencies inf or NaN.
+            if !(factor.is_finite() && factor >= 1.0) {
+                return Err(bad(
+                    "rope_parameters.factor",
+                    format!("{factor} must be a number >= 1 (llama3 rope)"),
+                ));
+            }
+            if !(low_freq_factor.is_finite() && low_freq_factor > 0.0) {
+                return Err(bad(
+                    "rope_parameters.low_freq_factor",
+                    format!("{low_freq_factor} must be a positive number (llama3 rope)"),
+                ));
+            }
+            if !(high_freq_factor.is_finite() && high_freq_factor > low_freq_factor) {
+                return Err(bad(
+                    "rope_parameters.high_freq_factor",
+                    format!(
+                        "{high_freq_factor} must be a number above low_freq_factor {low_freq_factor} (llama3 rope)"
+                    ),
+                ));
+            }
+            if original_max_position_embeddings == 0 {
+                return Err(bad(
+                    "rope_parameters.original_max_position_embeddings",
+                    "must be positive (llama3 rope)",
+                ));
+            }
+        }
         for (field, v) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -215,7 +288,55 @@ impl LlamaConfig {
                 return Err(bad(field, "must be positive"));
             }
         }
+        self.unit_sizes()?;
         Ok(())
+    }
+
+    /// Parameters of the embedding, of one decoder block and of the head unit (final norm, and
+    /// `lm_head` unless tied), computed without building the key table, with checked arithmetic:
+    /// a config whose sizes overflow is an error naming the sizes, not a wrapped count.
+    pub fn unit_sizes(&self) -> Result<UnitSizes> {
+        let overflow = || {
+            bad(
+                "hidden_size",
+                format!(
+                    "the sizes (vocab_size {}, hidden_size {}, intermediate_size {}, {} layers, {} heads of {}) \
+                     give more than 2^64 parameters",
+                    self.vocab_size,
+                    self.hidden_size,
+                    self.intermediate_size,
+                    self.num_hidden_layers,
+                    self.num_attention_heads,
+                    self.head_dim
+                ),
+            )
+        };
+        let mul = |a: usize, b: usize| a.checked_mul(b).ok_or_else(overflow);
+        let (h, i, d) = (self.hidden_size, self.intermediate_size, self.head_dim);
+        let q = mul(self.num_attention_heads, d)?;
+        let kv = mul(self.num_key_value_heads, d)?;
+        let embed = mul(self.vocab_size, h)?;
+        // q, o: q·h each; k, v: kv·h each; gate, up, down: i·h each; two norms: h each.
+        let attn = mul(q.checked_add(kv).ok_or_else(overflow)?, mul(2, h)?)?;
+        let block = [attn, mul(mul(3, i)?, h)?, mul(2, h)?]
+            .into_iter()
+            .try_fold(0usize, |a, b| a.checked_add(b))
+            .ok_or_else(overflow)?;
+        let head = if self.tie_word_embeddings {
+            h
+        } else {
+            embed.checked_add(h).ok_or_else(overflow)?
+        };
+        let total = mul(block, self.num_hidden_layers)?
+            .checked_add(embed)
+            .and_then(|t| t.checked_add(head))
+            .ok_or_else(overflow)?;
+        Ok(UnitSizes {
+            embed,
+            block,
+            head,
+            total,
+        })
     }
 
     /// Writes the config in transformers-5 layout, so HF can load what kiln exports.
@@ -277,12 +398,9 @@ impl LlamaConfig {
         table
     }
 
-    /// Ψ: the number of parameters.
+    /// Ψ: the number of parameters (a validated config's count fits in `usize`).
     pub fn num_params(&self) -> usize {
-        self.param_table()
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum()
+        self.unit_sizes().map_or(usize::MAX, |s| s.total)
     }
 }
 
@@ -296,7 +414,10 @@ fn rope_scaling_from(rope: &serde_json::Value) -> Result<RopeScaling> {
         rope.get(key).and_then(|v| v.as_f64()).ok_or_else(|| {
             bad(
                 "rope_parameters",
-                format!("llama3 rope needs a number `{key}`"),
+                format!(
+                    "llama3 rope needs a number `{key}`, found {}",
+                    rope.get(key).unwrap_or(&serde_json::Value::Null)
+                ),
             )
         })
     };
@@ -306,7 +427,19 @@ fn rope_scaling_from(rope: &serde_json::Value) -> Result<RopeScaling> {
             factor: number("factor")?,
             low_freq_factor: number("low_freq_factor")?,
             high_freq_factor: number("high_freq_factor")?,
-            original_max_position_embeddings: number("original_max_position_embeddings")? as usize,
+            original_max_position_embeddings: {
+                let key = "original_max_position_embeddings";
+                let v = rope.get(key).unwrap_or(&serde_json::Value::Null);
+                v.as_u64()
+                    .and_then(|n| usize::try_from(n).ok())
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| {
+                        bad(
+                            "rope_parameters.original_max_position_embeddings",
+                            format!("expected a positive integer, found {v}"),
+                        )
+                    })?
+            },
         }),
         other => Err(bad(
             "rope_parameters",

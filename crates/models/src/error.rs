@@ -42,6 +42,23 @@ pub enum ModelError {
         dtype: String,
         source_name: String,
     },
+    #[error(
+        "tensor `{key}` in {source_name} has integer dtype {dtype}: a weight must be F32, F16, BF16 or F64"
+    )]
+    NotFloat {
+        key: String,
+        dtype: String,
+        source_name: String,
+    },
+    #[error(
+        "tensor `{key}` in {source_name} is not finite: element {index} is {value} (a diverged or corrupted model)"
+    )]
+    NonFinite {
+        key: String,
+        index: usize,
+        value: f32,
+        source_name: String,
+    },
     #[error("unexpected tensors in {source_name} that the model does not use: {keys:?}")]
     UnexpectedKeys {
         keys: Vec<String>,

@@ -92,13 +92,34 @@ pub fn generate(
             ));
         }
     }
+    // Positions past max_position_embeddings are outside what the model was trained on (and
+    // a long prompt's prefill is quadratic in memory): checked before anything is allocated.
+    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let limit = config.max_position_embeddings;
+    if width > limit {
+        return Err(bad(
+            "prompts",
+            format!(
+                "a prompt of {width} tokens is longer than the model's max_position_embeddings {limit}"
+            ),
+        ));
+    }
+    if settings.max_new_tokens > limit - width {
+        return Err(bad(
+            "max_new_tokens",
+            format!(
+                "{} new tokens after a prompt of {width} pass the model's max_position_embeddings {limit} (at most {} fit)",
+                settings.max_new_tokens,
+                limit - width
+            ),
+        ));
+    }
     let batch = prompts.len();
     let mut out = vec![Vec::with_capacity(settings.max_new_tokens); batch];
     if settings.max_new_tokens == 0 {
         return Ok(out);
     }
 
-    let width = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let pad = settings.eos_token_id.unwrap_or(0).clamp(0, vocab - 1);
     let (mut ids, mut mask) = (Vec::with_capacity(batch * width), Vec::new());
     for p in prompts {

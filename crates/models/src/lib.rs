@@ -22,14 +22,17 @@ use std::path::Path;
 use burn::tensor::{DType, Device};
 
 pub use cache::{KvCache, LayerCache};
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::{LlamaConfig, RopeScaling, UnitSizes};
 pub use error::{ModelError, Result};
 pub use generate::{GenerateConfig, generate};
 pub use layers::{AdapterDropout, Linear};
 pub use llama::{Context, DecoderLayer, Llama, UnitId, unit_of};
 pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum};
 pub use source::{ParamSource, RandomInit, SplitMix64, TensorMap};
-pub use weights::{SafetensorsSource, named_tensors, save_safetensors, write_safetensors};
+pub use weights::{
+    CONFIG_CAP, SafetensorsSource, first_non_finite, named_tensors, open_regular, read_text_capped,
+    save_safetensors, write_safetensors,
+};
 
 impl Llama {
     /// Loads a HF model folder (`config.json` + safetensors) with its weights cast to `dtype`.

@@ -12,6 +12,45 @@ use crate::error::{ModelError, Result};
 use crate::layers::Init;
 use crate::source::ParamSource;
 
+/// Reads a text file of at most `cap` bytes. A device, a pipe that never ends (`/dev/zero`) or
+/// a file far bigger than any config is an error, not a read that fills the memory.
+pub fn read_text_capped(path: &Path, cap: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    if file.metadata()?.is_dir() {
+        return Err(std::io::Error::other("is a folder, not a file"));
+    }
+    let mut text = String::new();
+    file.take(cap + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidData => std::io::Error::other("not UTF-8 text"),
+            _ => e,
+        })?;
+    if text.len() as u64 > cap {
+        return Err(std::io::Error::other(format!(
+            "more than the {} MB kiln reads from such a file",
+            cap >> 20
+        )));
+    }
+    Ok(text)
+}
+
+/// The most bytes kiln reads from a JSON or TOML config file.
+pub const CONFIG_CAP: u64 = 64 << 20;
+
+/// Opens `path` for a memory map: it must be a regular file (mapping a folder or a device
+/// fails with a bare `No such device`).
+pub fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other(
+            "not a regular file (a folder, device or pipe)",
+        ));
+    }
+    Ok(file)
+}
+
 /// One memory-mapped safetensors file, its header checked once when opened.
 struct MappedFile {
     path: PathBuf,
@@ -24,7 +63,7 @@ impl MappedFile {
             path: path.into(),
             source,
         };
-        let file = std::fs::File::open(path).map_err(io)?;
+        let file = open_regular(path).map_err(io)?;
         // SAFETY: the map is read-only and checkpoints are not modified while a model loads from them.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
         let this = Self {
@@ -167,6 +206,24 @@ impl ParamSource for SafetensorsSource {
                 source_name: self.name.clone(),
             });
         }
+        if !matches!(
+            data.dtype(),
+            DType::F32 | DType::F16 | DType::BF16 | DType::F64
+        ) {
+            return Err(ModelError::NotFloat {
+                key: key.into(),
+                dtype: format!("{:?}", data.dtype()),
+                source_name: self.name.clone(),
+            });
+        }
+        if let Some((index, value)) = first_non_finite(&data) {
+            return Err(ModelError::NonFinite {
+                key: key.into(),
+                index,
+                value,
+                source_name: self.name.clone(),
+            });
+        }
         self.used.insert(key.to_string());
         Ok(Tensor::from_data(
             data.convert_dtype(self.dtype),
@@ -175,12 +232,24 @@ impl ParamSource for SafetensorsSource {
     }
 }
 
+/// The first element of a float tensor that is NaN or infinite once read as f32 (an f64 beyond
+/// f32's range counts: it would become inf in the model), with its flat index.
+pub fn first_non_finite(data: &TensorData) -> Option<(usize, f32)> {
+    if !matches!(
+        data.dtype(),
+        DType::F32 | DType::F16 | DType::BF16 | DType::F64
+    ) {
+        return None;
+    }
+    data.iter::<f32>().enumerate().find(|(_, v)| !v.is_finite())
+}
+
 fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
     #[derive(serde::Deserialize)]
     struct Index {
         weight_map: BTreeMap<String, String>,
     }
-    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
+    let text = read_text_capped(index, CONFIG_CAP).map_err(|source| ModelError::Io {
         path: index.into(),
         source,
     })?;

@@ -54,7 +54,7 @@ pub struct TrainArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Number of ranks: sugar for `--set dist.world_size=N` (wins over `--set`).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub world_size: Option<usize>,
     /// Resume from a checkpoint folder, or without a value from the latest checkpoint in
     /// `train.output_dir`.
@@ -110,14 +110,34 @@ pub struct GenerateArgs {
     /// The prompt text.
     #[arg(long)]
     pub prompt: String,
-    #[arg(long, value_name = "N", default_value_t = 32)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 32,
+        allow_negative_numbers = true
+    )]
     pub max_new_tokens: usize,
-    #[arg(long, value_name = "T", default_value_t = 1.0)]
+    #[arg(
+        long,
+        value_name = "T",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
     pub temperature: f32,
     /// Nucleus sampling: keep the smallest set of tokens with this much probability.
-    #[arg(long, value_name = "P", default_value_t = 1.0)]
+    #[arg(
+        long,
+        value_name = "P",
+        default_value_t = 1.0,
+        allow_negative_numbers = true
+    )]
     pub top_p: f32,
-    #[arg(long, value_name = "S", default_value_t = 0)]
+    #[arg(
+        long,
+        value_name = "S",
+        default_value_t = 0,
+        allow_negative_numbers = true
+    )]
     pub seed: u64,
     /// Always take the most likely token (ignores temperature and top-p).
     #[arg(long)]
@@ -131,25 +151,51 @@ pub struct EstimateArgs {
     #[arg(long, value_name = "CONFIG", conflicts_with = "psi")]
     pub model: Option<PathBuf>,
     /// Trainable parameters (Ψ), e.g. 7.5e9.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub psi: Option<f64>,
     /// Frozen parameters (e.g. a LoRA base model).
-    #[arg(long, value_name = "N", default_value_t = 0.0)]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = 0.0,
+        allow_negative_numbers = true
+    )]
     pub frozen: f64,
     /// Number of ranks.
-    #[arg(short = 'n', long = "ranks", value_name = "N", default_value_t = 1)]
+    #[arg(
+        short = 'n',
+        long = "ranks",
+        value_name = "N",
+        default_value_t = 1,
+        allow_negative_numbers = true
+    )]
     pub ranks: usize,
     /// Only this ZeRO stage (0-3); default: all.
     #[arg(long, value_name = "S", value_parser = clap::value_parser!(u8).range(0..=3))]
     pub stage: Option<u8>,
     /// Bytes of master weights + optimizer state per trainable parameter.
-    #[arg(long, value_name = "K", default_value_t = 12.0)]
+    #[arg(
+        long,
+        value_name = "K",
+        default_value_t = 12.0,
+        allow_negative_numbers = true
+    )]
     pub k: f64,
     /// Micro-batch rows, for the activation memory (with `--seq`).
-    #[arg(long, value_name = "B", requires = "seq")]
+    #[arg(
+        long,
+        value_name = "B",
+        requires = "seq",
+        allow_negative_numbers = true
+    )]
     pub batch: Option<usize>,
     /// Sequence length, for the activation memory (with `--batch`).
-    #[arg(long, value_name = "S", requires = "batch")]
+    #[arg(
+        long,
+        value_name = "S",
+        requires = "batch",
+        allow_negative_numbers = true
+    )]
     pub seq: Option<usize>,
     /// Bytes per activation element: 2 (bf16, f16; the default) or 4 (f32).
     #[arg(long, value_name = "BYTES", default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=4))]
@@ -261,5 +307,26 @@ mod tests {
         };
         assert_eq!((x.merge, x.peft), (false, true));
         assert!(parse("kiln export --out o").is_err());
+    }
+
+    #[test]
+    fn negative_numbers_are_values_not_flags() {
+        let Command::Generate(g) =
+            parse("kiln generate --pretrained m --prompt hi --temperature -1 --top-p -0.5")
+                .unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((g.temperature, g.top_p), (-1.0, -0.5));
+        let Command::Estimate(e) = parse("kiln estimate --psi -1e9 --frozen -1 --k -12").unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!((e.psi, e.frozen, e.k), (Some(-1e9), -1.0, -12.0));
+        // An unsigned flag given a negative number is a value error naming the flag.
+        let e = parse("kiln estimate --psi 1 -n -4")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("-4") && e.contains("--ranks"), "{e}");
     }
 }

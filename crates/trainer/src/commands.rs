@@ -3,9 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Device};
-use kiln_models::{
-    GenerateConfig, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, generate, unit_of,
-};
+use kiln_models::{GenerateConfig, Llama, LlamaConfig, causal_lm_loss_sum, generate};
 use kiln_zero::{ActivationShape, activation_bytes, estimate_table_with};
 
 use crate::cli::{EstimateArgs, EvalArgs, ExportArgs, GenerateArgs, TrainArgs};
@@ -15,7 +13,7 @@ use crate::train::{
     EvalResult, Resume, TrainSummary, addition_accuracy, checkpoint_config, human,
     model_from_params, policy_of, state_config, tokenizer_for, train,
 };
-use crate::{Result, TrainerError};
+use crate::{Result, TrainerError, say};
 
 /// `kiln train`.
 pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
@@ -36,15 +34,17 @@ pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
     };
     let summary = train(&config, &resume)?;
     if summary.rank == 0 {
-        print_summary(&summary, &config);
+        // The run's product is its output folder: a reader of stdout that went away does not
+        // change the run's exit code.
+        let _ = print_summary(&summary, &config);
     }
     Ok(summary)
 }
 
-fn print_summary(s: &TrainSummary, config: &TrainConfig) {
+fn print_summary(s: &TrainSummary, config: &TrainConfig) -> Result<()> {
     let wall = std::time::Duration::from_secs_f64(s.wall_s);
-    println!(
-        "kiln: {} steps in {} ({:.0} tokens/s) on {} ranks ({}); loss {} -> {}{}",
+    say!(
+        "kiln: {} steps in {} ({:.0} tokens/s) on {} ranks ({}); loss {} -> {}{}\n",
         s.steps,
         human(wall),
         s.tokens_per_s,
@@ -57,43 +57,54 @@ fn print_summary(s: &TrainSummary, config: &TrainConfig) {
         } else {
             String::new()
         }
-    );
-    println!(
-        "kiln: {} of {} parameters trained; AdamW state {:.2} MB and model state {:.2} MB per rank",
+    )?;
+    say!(
+        "kiln: {} of {} parameters trained; AdamW state {:.2} MB and model state {:.2} MB per rank\n",
         s.trainable_params,
         s.total_params,
         s.optimizer_bytes as f64 / 1e6,
         s.model_state_bytes as f64 / 1e6
-    );
-    if let Some(e) = &s.eval {
-        print_eval(e);
+    )?;
+    match &s.eval {
+        Some(e) => print_eval(e)?,
+        None if !s.interrupted => say!("kiln: {NO_HELD_OUT}\n")?,
+        None => {}
     }
     if let Some(c) = &s.checkpoint {
-        println!("kiln: checkpoint {}", c.display());
+        say!("kiln: checkpoint {}\n", c.display())?;
     }
     if s.interrupted {
-        println!("kiln: interrupted; continue with `kiln train --resume` (same config)");
+        say!(
+            "kiln: interrupted after step {}; continue with `kiln train --resume` (same config)\n",
+            s.steps
+        )?;
     }
-    println!(
-        "kiln: metrics {}/metrics.jsonl, loss curve {}/loss.svg",
+    say!(
+        "kiln: metrics {}/metrics.jsonl, loss curve {}/loss.svg\n",
         config.train.output_dir.display(),
         config.train.output_dir.display()
-    );
+    )
 }
 
-fn print_eval(e: &EvalResult) {
-    println!(
-        "kiln: held-out loss {:.4}, perplexity {:.3}{}",
+/// What a run without held-out rows says instead of a held-out loss.
+const NO_HELD_OUT: &str = "no held-out evaluation: the data has no held-out row with a token \
+    that counts in the loss (data.eval_examples = 0, fewer than 10 rows of text or JSONL, of \
+    which a tenth is held out, or prompts that fill data.seq_len)";
+
+fn print_eval(e: &EvalResult) -> Result<()> {
+    say!(
+        "kiln: held-out loss {:.4}, perplexity {:.3}{}\n",
         e.loss,
         e.perplexity,
         e.accuracy.map_or(String::new(), |a| format!(
             ", exact-match accuracy {:.1}%",
             a * 100.0
         ))
-    );
+    )?;
     for (prompt, completion) in &e.samples {
-        println!("  {prompt}{completion}");
+        say!("  {prompt}{completion}\n")?;
     }
+    Ok(())
 }
 
 /// A model with its config and tokenizer, loaded from a kiln checkpoint or an HF folder.
@@ -165,6 +176,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalResult> {
         config.data.task = if jsonl { Task::Jsonl } else { Task::Text };
         config.data.paths = args.data.clone();
     }
+    config.check_seq_len(&loaded.model_config)?;
     let dataset = Dataset::new(&config.data, loaded.tokenizer, config.train.seed)?;
     let dtype = policy_of(&config.precision).compute;
     let (mut sum, mut count) = (0.0f64, 0.0f64);
@@ -177,9 +189,11 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalResult> {
         count += f64::from(scalar(c)?);
     }
     if count == 0.0 {
-        return Err(TrainerError::Argument(
-            "the evaluation data has no token that counts in the loss".into(),
-        ));
+        return Err(TrainerError::Argument(format!(
+            "{} ({} held-out rows)",
+            NO_HELD_OUT.replacen("no held-out evaluation", "nothing to evaluate", 1),
+            dataset.eval().len()
+        )));
     }
     let loss = (sum / count) as f32;
     let (accuracy, samples) = match dataset.addition() {
@@ -197,7 +211,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalResult> {
         accuracy,
         samples,
     };
-    print_eval(&e);
+    print_eval(&e)?;
     Ok(e)
 }
 
@@ -218,10 +232,27 @@ pub fn run_generate(args: &GenerateArgs) -> Result<String> {
         &device,
     )?;
     let tok = &loaded.tokenizer;
+    let limit = loaded.model_config.max_position_embeddings;
     let mut prompt: Vec<i64> = tok.bos().into_iter().collect();
     prompt.extend(tok.encode(&args.prompt)?);
+    // Checked before the prefill allocates (a 100 KB prompt's attention is quadratic).
+    if prompt.len() > limit {
+        return Err(TrainerError::Argument(format!(
+            "--prompt: {} tokens, more than the model's max_position_embeddings {limit}",
+            prompt.len()
+        )));
+    }
+    let room = limit - prompt.len();
+    if args.max_new_tokens > room {
+        eprintln!(
+            "kiln: warning: --max-new-tokens {} capped to {room}: the prompt's {} tokens and the new \
+             ones must fit the model's max_position_embeddings {limit}",
+            args.max_new_tokens,
+            prompt.len()
+        );
+    }
     let settings = GenerateConfig {
-        max_new_tokens: args.max_new_tokens,
+        max_new_tokens: args.max_new_tokens.min(room),
         temperature: f64::from(args.temperature),
         top_p: f64::from(args.top_p),
         seed: args.seed,
@@ -237,19 +268,24 @@ pub fn run_generate(args: &GenerateArgs) -> Result<String> {
     )?;
     let ids: Vec<i64> = out[0].iter().copied().filter(|&t| t != tok.eos()).collect();
     let text = tok.decode(&ids)?;
-    println!("{}{}", args.prompt, text);
+    say!("{}{}\n", args.prompt, text)?;
     Ok(text)
 }
 
 /// Parameters of the largest unit (embedding, a block, or norm + head) of a config.
-pub fn largest_unit(config: &LlamaConfig) -> usize {
-    let mut per_unit = std::collections::HashMap::<UnitId, usize>::new();
-    for (key, shape) in config.param_table() {
-        if let Some(u) = unit_of(&key) {
-            *per_unit.entry(u).or_default() += shape.iter().product::<usize>();
-        }
+pub fn largest_unit(config: &LlamaConfig) -> Result<usize> {
+    Ok(config.unit_sizes()?.largest())
+}
+
+/// `--name value` must be a finite number `>= min`.
+fn finite_at_least(flag: &str, value: f64, min: f64) -> Result<f64> {
+    if value.is_finite() && value >= min {
+        Ok(value)
+    } else {
+        Err(TrainerError::Argument(format!(
+            "{flag} {value}: must be a finite number >= {min}"
+        )))
     }
-    per_unit.values().copied().max().unwrap_or(0)
 }
 
 /// `kiln estimate`: the per-rank model-state table (and activations with `--batch --seq`).
@@ -259,17 +295,34 @@ pub fn run_estimate(args: &EstimateArgs) -> Result<String> {
         None => None,
     };
     let (psi, largest) = match (&config, args.psi) {
-        (Some(c), _) => (c.num_params() as f64, largest_unit(c) as f64),
-        (None, Some(psi)) => (psi, 0.0),
+        (Some(c), _) => (c.num_params() as f64, largest_unit(c)? as f64),
+        (None, Some(psi)) => (finite_at_least("--psi", psi, 0.0)?, 0.0),
         (None, None) => {
             return Err(TrainerError::Argument(
                 "give --model config.json or --psi N".into(),
             ));
         }
     };
-    let mut out = estimate_table_with(psi, args.frozen, args.ranks, args.k, largest, false);
+    let frozen = finite_at_least("--frozen", args.frozen, 0.0)?;
+    let k = finite_at_least("--k", args.k, 0.0)?;
+    if args.ranks == 0 {
+        return Err(TrainerError::Argument(
+            "-n/--ranks 0: there must be at least 1 rank".into(),
+        ));
+    }
+    for (flag, v) in [("--batch", args.batch), ("--seq", args.seq)] {
+        if v == Some(0) {
+            return Err(TrainerError::Argument(format!(
+                "{flag} 0: must be at least 1"
+            )));
+        }
+    }
+    let mut out = estimate_table_with(psi, frozen, args.ranks, k, largest, false);
     if let Some(stage) = args.stage {
         out += &format!("(stage {stage} selected; all stages shown for comparison)\n");
+    }
+    if let (None, Some(_)) = (&config, args.batch) {
+        out += "(--batch and --seq need --model config.json for the activation memory)\n";
     }
     if let (Some(c), Some(batch), Some(seq)) = (&config, args.batch, args.seq) {
         let shape = ActivationShape {
@@ -290,7 +343,7 @@ pub fn run_estimate(args: &EstimateArgs) -> Result<String> {
             activation_bytes(&shape, true) / 1e9
         );
     }
-    print!("{out}");
+    say!("{out}")?;
     Ok(out)
 }
 
@@ -304,8 +357,9 @@ pub fn run_export(args: &ExportArgs) -> Result<PathBuf> {
         )));
     }
     let e = crate::export::export(&args.checkpoint, &args.out, args.merge, DType::F32)?;
-    println!(
-        "kiln: exported {} parameters to {} ({})",
+    // The export's product is its files; a closed stdout does not fail it.
+    let _ = say!(
+        "kiln: exported {} parameters to {} ({})\n",
         e.params,
         args.out.display(),
         e.files.join(", ")
@@ -338,16 +392,19 @@ pub fn run_lora_vs_full(base: &TrainConfig) -> Result<(TrainSummary, Vec<RecipeR
     pre.train.output_dir = pretrain_dir.clone();
     let ckpt = match kiln_zero::latest_checkpoint(pretrain_dir.join("checkpoints"))? {
         Some(c) if checkpoint_config(&c)?.1 == pre.train.steps => {
-            println!("kiln recipe: reusing the pretrained model {}", c.display());
+            let _ = say!(
+                "kiln recipe: reusing the pretrained model {}\n",
+                c.display()
+            );
             c
         }
         _ => {
-            println!("kiln recipe: 1/4 pretraining the default job (addition)");
+            let _ = say!("kiln recipe: 1/4 pretraining the default job (addition)\n");
             let s = train(&pre, &Resume::No)?;
             if s.rank != 0 {
                 return Ok((s, vec![]));
             }
-            print_summary(&s, &pre);
+            let _ = print_summary(&s, &pre);
             s.checkpoint.clone().ok_or_else(|| {
                 TrainerError::Checkpoint("the pretraining run wrote no checkpoint".into())
             })?
@@ -393,13 +450,13 @@ pub fn run_lora_vs_full(base: &TrainConfig) -> Result<(TrainSummary, Vec<RecipeR
             c.lora.target_modules = t;
         }
         c.train.output_dir = root.join(format!("finetune-{}", i + 1));
-        println!(
-            "kiln recipe: {}/{n} fine-tuning on subtraction: {method}",
+        let _ = say!(
+            "kiln recipe: {}/{n} fine-tuning on subtraction: {method}\n",
             i + 2
         );
         let s = train(&c, &Resume::No)?;
         if let (0, Some(e)) = (s.rank, &s.eval) {
-            print_eval(e);
+            let _ = print_eval(e);
         }
         rows.push(RecipeRow {
             method: method.into(),
@@ -414,7 +471,7 @@ pub fn run_lora_vs_full(base: &TrainConfig) -> Result<(TrainSummary, Vec<RecipeR
     }
     let last = last.expect("three fine-tunes");
     if last.rank == 0 {
-        println!("{}", recipe_table(&rows));
+        let _ = say!("{}\n", recipe_table(&rows));
     }
     Ok((last, rows))
 }

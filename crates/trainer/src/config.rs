@@ -372,7 +372,8 @@ impl TrainConfig {
         let mut table = match path {
             None => toml::Table::new(),
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+                let text = kiln_models::read_text_capped(path, kiln_models::CONFIG_CAP)
+                    .map_err(|e| TrainerError::io(path, e))?;
                 // Check the file alone first: its errors keep their line and column.
                 let config_err = |reason: String| TrainerError::ConfigFile {
                     path: path.into(),
@@ -427,7 +428,19 @@ impl TrainConfig {
     /// Gradient-accumulation steps: `global_batch / (world_size * micro_batch)`.
     pub fn accumulation_steps(&self) -> Result<usize> {
         let t = &self.train;
-        let per_step = self.dist.world_size * t.micro_batch;
+        let per_step = self
+            .dist
+            .world_size
+            .checked_mul(t.micro_batch)
+            .ok_or_else(|| {
+                TrainerError::invalid(
+                    "train.micro_batch",
+                    format!(
+                        "dist.world_size ({}) x train.micro_batch ({}) overflows",
+                        self.dist.world_size, t.micro_batch
+                    ),
+                )
+            })?;
         if per_step == 0 || !t.global_batch.is_multiple_of(per_step) {
             return Err(TrainerError::invalid(
                 "train.global_batch",
@@ -590,6 +603,41 @@ impl TrainConfig {
             return bad("train.log_interval", "must be at least 1".into());
         }
         self.accumulation_steps()?;
+        // Sizes are checked before anything is allocated: a row is seq_len ids and labels
+        // (i64 each), held for every row of a global batch and every held-out row.
+        let row = d.seq_len as f64 * 16.0;
+        check_fits(
+            "train.global_batch",
+            &format!(
+                "a global batch of {} rows of data.seq_len {} tokens",
+                t.global_batch, d.seq_len
+            ),
+            t.global_batch as f64 * row,
+        )?;
+        if d.task == Task::Addition {
+            check_fits(
+                "data.eval_examples",
+                &format!(
+                    "{} held-out rows of data.seq_len {} tokens",
+                    d.eval_examples, d.seq_len
+                ),
+                d.eval_examples as f64 * row,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `data.seq_len` must fit the model's `max_position_embeddings`.
+    pub fn check_seq_len(&self, model: &LlamaConfig) -> Result<()> {
+        if self.data.seq_len > model.max_position_embeddings {
+            return Err(TrainerError::invalid(
+                "data.seq_len",
+                format!(
+                    "{} exceeds the model's max_position_embeddings {}",
+                    self.data.seq_len, model.max_position_embeddings
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -601,16 +649,45 @@ impl TrainConfig {
             (None, Some(file)) => LlamaConfig::from_file(file)?,
             (None, None) => preset_config(&self.model.preset)?,
         };
-        if self.data.seq_len > config.max_position_embeddings {
-            return Err(TrainerError::invalid(
-                "data.seq_len",
-                format!(
-                    "{} exceeds the model's max_position_embeddings {}",
-                    self.data.seq_len, config.max_position_embeddings
-                ),
-            ));
-        }
+        self.check_seq_len(&config)?;
         Ok(config)
+    }
+}
+
+/// This machine's physical memory in bytes (Linux `/proc/meminfo` `MemTotal`); 1 PiB where it
+/// cannot be read, so that only absurd sizes are refused there.
+pub fn machine_memory() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kb * 1024.0)
+        })
+        .unwrap_or(2f64.powi(50))
+}
+
+/// Errors, naming `field`, when `bytes` of `what` cannot fit in this machine's memory: checked
+/// before allocating, so a typo (`1000000000000`) is an error instead of an allocation abort.
+pub fn check_fits(field: &str, what: &str, bytes: f64) -> Result<()> {
+    let memory = machine_memory();
+    if bytes.is_finite() && bytes <= memory {
+        return Ok(());
+    }
+    Err(TrainerError::invalid(
+        field,
+        format!(
+            "{what} need {}, more than this machine's memory ({})",
+            gigabytes(bytes),
+            gigabytes(memory)
+        ),
+    ))
+}
+
+fn gigabytes(bytes: f64) -> String {
+    match bytes {
+        b if !b.is_finite() || b >= 1e15 => format!("{:.2e} GB", b / 1e9),
+        b => format!("{:.1} GB", b / 1e9),
     }
 }
 

@@ -277,11 +277,11 @@ impl AdditionTask {
             all.truncate(n);
             return all;
         }
-        let mut seen = HashSet::with_capacity(n);
-        let mut out = Vec::with_capacity(n);
+        let mut seen = HashSet::with_capacity(n.min(1 << 16));
+        let mut out = Vec::with_capacity(n.min(1 << 16));
         // Held-out pairs are 10% of at least 2^20: n draws succeed quickly; the cap only
         // guarantees termination.
-        for _ in 0..(100 * n as u64 + 1000) {
+        for _ in 0..(n as u64).saturating_mul(100).saturating_add(1000) {
             if out.len() == n {
                 break;
             }
@@ -365,8 +365,15 @@ fn shuffle<T>(v: &mut [T], next: &mut impl FnMut() -> u64) {
     }
 }
 
+/// Reads a data file: at most an eighth of the machine's memory (its rows take about 16 bytes
+/// per token), so an endless device or a huge file is an error naming it, not an abort.
+pub(crate) fn read_data(path: &Path) -> Result<String> {
+    let cap = (crate::config::machine_memory() / 8.0) as u64;
+    kiln_models::read_text_capped(path, cap).map_err(|e| TrainerError::io(path, e))
+}
+
 fn read_text(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+    let text = read_data(path)?;
     if text.trim().is_empty() {
         return Err(TrainerError::Data {
             path: path.into(),
@@ -425,6 +432,8 @@ pub struct Dataset {
     eval: Vec<Example>,
     eval_pairs: Vec<(u64, u64)>,
     truncated: usize,
+    /// Rows (train and eval) without a token that counts in the loss.
+    no_loss_rows: usize,
     permutation: Mutex<Option<(u64, Arc<Vec<u32>>)>>,
 }
 
@@ -449,7 +458,7 @@ impl Dataset {
     /// removed from training.
     pub fn new(config: &DataConfig, tokenizer: Tokenizer, seed: u64) -> Result<Self> {
         let seq_len = config.seq_len;
-        let (source, eval, eval_pairs, truncated) = match config.task {
+        let (source, eval, eval_pairs, truncated, no_loss_rows) = match config.task {
             Task::Addition => {
                 let task = AdditionTask::with_op(config.digits, seed, config.operation)?;
                 let pairs = task.eval_pairs(config.eval_examples);
@@ -460,7 +469,7 @@ impl Dataset {
                 // Checks seq_len against the longest training prompt too.
                 let m = task.modulus();
                 task.example(m - 1, m - 1, &tokenizer, seq_len)?;
-                (Source::Addition(task), eval, pairs, 0)
+                (Source::Addition(task), eval, pairs, 0, 0)
             }
             Task::Text | Task::Jsonl => {
                 if config.paths.is_empty() {
@@ -469,16 +478,28 @@ impl Dataset {
                         "needs at least one file",
                     ));
                 }
-                let (train, eval, truncated) = if config.task == Task::Text {
+                let (train, eval, truncated, blank) = if config.task == Task::Text {
                     let rows = pack_text(&config.paths, &tokenizer, seq_len)?;
                     let (train, eval) = split_eval(rows, config.eval_examples);
-                    (train, eval, 0)
+                    (train, eval, 0, 0)
                 } else {
                     let template = crate::jsonl::chat_template_for(
                         config.chat_template.as_deref(),
                         &tokenizer,
                     )?;
                     let j = load_jsonl(&config.paths, &tokenizer, template.as_ref(), seq_len)?;
+                    // JSONL records whose prompt fills seq_len keep no response token: nothing
+                    // of them is learned. All of them like that is an error; some, a warning.
+                    let blank = j.examples.iter().filter(|r| r.target_tokens() == 0).count();
+                    if blank == j.examples.len() {
+                        return Err(TrainerError::Data {
+                            path: config.paths[0].clone(),
+                            reason: format!(
+                                "no record keeps a response token within data.seq_len = {seq_len} \
+                                 (BOS and the prompt fill it): nothing to train on; raise data.seq_len"
+                            ),
+                        });
+                    }
                     let pad = tokenizer.pad();
                     // Held-out examples are chosen before packing and stay one per row.
                     let (train, mut eval) = split_eval(j.examples, config.eval_examples);
@@ -494,7 +515,7 @@ impl Dataset {
                         }
                         .padded(seq_len, pad)
                     };
-                    (train, eval, j.truncated)
+                    (train, eval, j.truncated, blank)
                 };
                 if train.is_empty() {
                     return Err(TrainerError::Data {
@@ -508,7 +529,7 @@ impl Dataset {
                         reason: format!("{} rows: at most 2^32 - 1 are supported", train.len()),
                     });
                 }
-                (Source::Rows(train), eval, Vec::new(), truncated)
+                (Source::Rows(train), eval, Vec::new(), truncated, blank)
             }
         };
         Ok(Self {
@@ -519,6 +540,7 @@ impl Dataset {
             eval,
             eval_pairs,
             truncated,
+            no_loss_rows,
             permutation: Mutex::new(None),
         })
     }
@@ -545,6 +567,7 @@ impl Dataset {
             eval,
             eval_pairs: Vec::new(),
             truncated: 0,
+            no_loss_rows: 0,
             permutation: Mutex::new(None),
         })
     }
@@ -589,6 +612,12 @@ impl Dataset {
     /// JSONL records cut at `seq_len` (train and eval).
     pub fn truncated(&self) -> usize {
         self.truncated
+    }
+
+    /// Rows (train and eval) without a token that counts in the loss: JSONL records whose
+    /// prompt fills `seq_len`.
+    pub fn no_loss_rows(&self) -> usize {
+        self.no_loss_rows
     }
 
     /// The position after `rows` training rows from the start.

@@ -60,6 +60,16 @@ pub enum TrainerError {
     /// A rank failed; the message names it.
     #[error("{0}")]
     Run(String),
+    /// The training diverged: a NaN or infinite loss, gradient or parameter.
+    #[error("{0}")]
+    NonFinite(String),
+    /// Writing to stdout failed; `broken_pipe` when its reader went away (`kiln eval | head`),
+    /// which ends the command quietly.
+    #[error("stdout: {source}")]
+    Stdout {
+        source: std::io::Error,
+        broken_pipe: bool,
+    },
 }
 
 /// `Result` with [`TrainerError`].
@@ -71,6 +81,17 @@ impl TrainerError {
             path: path.into(),
             source,
         }
+    }
+
+    /// Whether this is a broken pipe on stdout (the reader went away): not worth a message.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(
+            self,
+            TrainerError::Stdout {
+                broken_pipe: true,
+                ..
+            }
+        )
     }
 
     pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {

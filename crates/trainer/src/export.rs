@@ -53,7 +53,7 @@ pub fn checkpoint_configs(
 pub fn export(checkpoint: &Path, out: &Path, merge: bool, dtype: DType) -> Result<Exported> {
     let reader = kiln_zero::CheckpointReader::open(checkpoint)?;
     let (config, lora) = checkpoint_configs(&reader.manifest().extra, checkpoint)?;
-    std::fs::create_dir_all(out).map_err(|e| TrainerError::io(out, e))?;
+    crate::out::create_dir(out, "--out")?;
     let (adapter, base): (Vec<_>, Vec<_>) = reader
         .params()
         .map(|(p, s)| (p.to_string(), s.to_vec()))

@@ -56,7 +56,7 @@ pub fn load_jsonl(
     let mut examples = Vec::new();
     let mut truncated = 0;
     for path in paths {
-        let text = std::fs::read_to_string(path).map_err(|e| TrainerError::io(path, e))?;
+        let text = crate::data::read_data(path)?;
         let before = examples.len();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {

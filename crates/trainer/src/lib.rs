@@ -28,6 +28,7 @@ pub mod error;
 pub mod export;
 pub mod jsonl;
 pub mod metrics;
+pub mod out;
 pub mod packing;
 pub mod plot;
 pub mod schedule;

@@ -1,10 +1,11 @@
 //! The `kiln` binary: see `kiln --help` and the README.
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
 use kiln_trainer::cli::{Cli, Command};
-use kiln_trainer::commands;
+use kiln_trainer::{commands, out};
 
 /// mimalloc keeps freed pages for the next allocation of the same size: a training step
 /// allocates and frees the same activation-sized buffers every step, which glibc's malloc hands
@@ -44,17 +45,28 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
-        Command::Train(a) => commands::run_train(a).map(|_| ()),
-        Command::Eval(a) => commands::run_eval(a).map(|_| ()),
-        Command::Generate(a) => commands::run_generate(a).map(|_| ()),
-        Command::Estimate(a) => commands::run_estimate(a).map(|_| ()),
-        Command::Export(a) => commands::run_export(a).map(|_| ()),
+        // 0 only for a run that finished: an interrupted one (Ctrl-C, after its checkpoint)
+        // exits 130 like any program stopped by SIGINT, so `kiln train && kiln export` stops.
+        Command::Train(a) => commands::run_train(a).map(|s| match s.interrupted {
+            true => ExitCode::from(INTERRUPTED),
+            false => ExitCode::SUCCESS,
+        }),
+        Command::Eval(a) => commands::run_eval(a).map(|_| ExitCode::SUCCESS),
+        Command::Generate(a) => commands::run_generate(a).map(|_| ExitCode::SUCCESS),
+        Command::Estimate(a) => commands::run_estimate(a).map(|_| ExitCode::SUCCESS),
+        Command::Export(a) => commands::run_export(a).map(|_| ExitCode::SUCCESS),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
+        // The reader of our output went away (`kiln eval | head -1`): nothing to say to it.
+        Err(e) if e.is_broken_pipe() => ExitCode::from(out::BROKEN_PIPE_EXIT),
         Err(e) => {
-            eprintln!("kiln: error: {e}");
+            // Not eprintln!: a closed stderr must not turn an error into a panic.
+            let _ = writeln!(std::io::stderr(), "kiln: error: {e}");
             ExitCode::FAILURE
         }
     }
 }
+
+/// Exit code of a run stopped by Ctrl-C: 128 + SIGINT (2), as shells report it.
+const INTERRUPTED: u8 = 130;

@@ -193,7 +193,7 @@ impl HfTokenizer {
         let inner = tokenizers::Tokenizer::from_file(&file).map_err(|e| err(e.to_string()))?;
         let config_path = file.with_file_name("tokenizer_config.json");
         let config = if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path)
+            let text = kiln_models::read_text_capped(&config_path, kiln_models::CONFIG_CAP)
                 .map_err(|e| TrainerError::io(&config_path, e))?;
             let json: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| TrainerError::Tokenizer {

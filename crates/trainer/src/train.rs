@@ -100,7 +100,12 @@ fn interrupted_flag() -> Arc<AtomicBool> {
         let f = flag.clone();
         if let Err(e) = ctrlc::set_handler(move || {
             if f.swap(true, Ordering::SeqCst) {
-                // A second Ctrl-C while the checkpoint is written: leave at once.
+                // A second Ctrl-C while the checkpoint is written: leave at once. The half
+                // written one stays a `.tmp` folder; `latest` still names the one before.
+                eprintln!(
+                    "\nkiln: second Ctrl-C: leaving without this step's checkpoint; \
+                     `kiln train --resume` continues from the newest complete one, if any"
+                );
                 std::process::exit(130);
             }
             eprintln!("\nkiln: interrupted; saving a checkpoint at the end of this step");
@@ -271,29 +276,64 @@ pub fn tokenizer_for(config: &TrainConfig, model_config: &LlamaConfig) -> Result
 /// model's own `bos_token_id` / `eos_token_id` from its `config.json`.
 fn byte_tokenizer_of(dir: &Path, config: &LlamaConfig) -> Result<Tokenizer> {
     let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| TrainerError::Io {
-        path: path.clone(),
-        source: e,
+    let text = kiln_models::read_text_capped(&path, kiln_models::CONFIG_CAP).map_err(|e| {
+        TrainerError::Io {
+            path: path.clone(),
+            source: e,
+        }
     })?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| TrainerError::Tokenizer {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-    let id = |key: &str| json.get(key).and_then(|v| v.as_i64());
-    let eos = id("eos_token_id").ok_or_else(|| TrainerError::Tokenizer {
-        path: path.clone(),
-        reason: format!(
-            "no tokenizer.json, a vocabulary of {} (< 259, too small for kiln's byte tokenizer) \
-             and no eos_token_id to use raw bytes with",
-            config.vocab_size
-        ),
+    let eos = special_id(&json, "eos_token_id", &path, config.vocab_size)?.ok_or_else(|| {
+        TrainerError::Tokenizer {
+            path: path.clone(),
+            reason: format!(
+                "no tokenizer.json, a vocabulary of {} (< 259, too small for kiln's byte tokenizer) \
+                 and no eos_token_id to use raw bytes with",
+                config.vocab_size
+            ),
+        }
     })?;
     Ok(Tokenizer::ByteSpecial {
-        bos: id("bos_token_id"),
+        bos: special_id(&json, "bos_token_id", &path, config.vocab_size)?,
         eos,
-        pad: id("pad_token_id").unwrap_or(eos),
+        pad: special_id(&json, "pad_token_id", &path, config.vocab_size)?.unwrap_or(eos),
     })
+}
+
+/// A special token id of an HF `config.json` (`path`): absent or null is `None`; an integer, or
+/// a list of them (HF's several end-of-sequence ids; kiln stops at the first), must be a token
+/// of the model's vocabulary.
+fn special_id(
+    json: &serde_json::Value,
+    key: &str,
+    path: &Path,
+    vocab: usize,
+) -> Result<Option<i64>> {
+    let bad = |reason: String| TrainerError::Tokenizer {
+        path: path.to_path_buf(),
+        reason: format!("{key}: {reason}"),
+    };
+    let value = match json.get(key) {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::Array(ids)) => match ids.first() {
+            Some(first) => first,
+            None => return Err(bad("an empty list".into())),
+        },
+        Some(v) => v,
+    };
+    let id = value
+        .as_i64()
+        .ok_or_else(|| bad(format!("expected a token id (an integer), found {value}")))?;
+    if !(0..vocab as i64).contains(&id) {
+        return Err(bad(format!(
+            "{id} is outside the model's vocabulary 0..{vocab}"
+        )));
+    }
+    Ok(Some(id))
 }
 
 /// Whether a parameter path trains.
@@ -441,6 +481,17 @@ fn rank_main(
     let dataset = Dataset::new(&config.data, tokenizer, config.train.seed)?;
     let zc = zero_config(config)?;
     let (policy, stage) = (zc.policy, zc.stage);
+    // Thread ranks share this process's memory; MPI and NCCL ranks have a process each.
+    let local_ranks = if backend == "threads" { world } else { 1 };
+    check_model_fits(config, &model_config, local_ranks)?;
+    if lead && dataset.no_loss_rows() > 0 {
+        eprintln!(
+            "kiln: warning: {} rows have no token that counts in the loss (JSONL records whose \
+             prompt fills data.seq_len = {}); they are trained on without effect",
+            dataset.no_loss_rows(),
+            config.data.seq_len
+        );
+    }
     let built = build_model(config, &model_config, &device)?;
     let lora_dropout = built.lora_dropout();
     let lora_json = built.lora.as_ref().map(|l| l.to_json());
@@ -459,7 +510,7 @@ fn rank_main(
     let out_dir = config.train.output_dir.clone();
     let ckpt_root = out_dir.join("checkpoints");
     if lead {
-        std::fs::create_dir_all(&out_dir).map_err(|e| TrainerError::io(&out_dir, e))?;
+        crate::out::create_dir(&out_dir, "train.output_dir")?;
         std::fs::write(out_dir.join("config.toml"), config.to_toml()?)
             .map_err(|e| TrainerError::io(&out_dir, e))?;
     }
@@ -480,7 +531,13 @@ fn rank_main(
     let mut skipped = 0u64;
     let from = match resume {
         Resume::No => None,
-        Resume::Latest => latest_checkpoint(&ckpt_root)?,
+        Resume::Latest => Some(latest_checkpoint(&ckpt_root)?.ok_or_else(|| {
+            TrainerError::Checkpoint(format!(
+                "--resume: no checkpoint in {} to resume from (the run never saved one; start \
+                 it again without --resume)",
+                ckpt_root.display()
+            ))
+        })?),
         Resume::From(dir) => Some(dir.clone()),
     };
     if let Some(dir) = &from {
@@ -531,6 +588,7 @@ fn rank_main(
     let (mut first_loss, mut last_loss) = (None, None);
     let mut last_ckpt = from.clone();
     let mut was_interrupted = false;
+    let mut skipped_in_a_row = 0u64;
     let mut eval = None;
     let save = |engine: &mut Engine<LlamaUnits>,
                 step: u64,
@@ -548,6 +606,21 @@ fn rank_main(
         let lr = crate::schedule::lr_at(step, &config.optim, total);
         engine.set_lr(lr)?;
         let rows = dataset.global_batch(&mut pos, config.train.global_batch)?;
+        if rows.iter().all(|r| r.target_tokens() == 0) {
+            // Every rank sees the same global batch, so every rank stops here with this message.
+            return Err(TrainerError::invalid(
+                "data.seq_len",
+                format!(
+                    "step {}: none of the {} rows of the global batch has a token that counts in \
+                     the loss ({} rows of the data are like that: JSONL records whose prompt fills \
+                     data.seq_len = {}); raise data.seq_len or train.global_batch, or drop those records",
+                    step + 1,
+                    rows.len(),
+                    dataset.no_loss_rows(),
+                    config.data.seq_len
+                ),
+            ));
+        }
         let mine = rank_range(rows.len(), rank, world)?;
         let dropout = step_dropout(lora_dropout, config.train.seed, step, mine.start)?;
         let micro_batches = batches(
@@ -567,6 +640,40 @@ fn rank_main(
         tokens_done += processed;
         if r.found_inf {
             skipped += 1;
+        }
+        // Every rank holds the same report, so every rank takes the same branch.
+        match (
+            r.found_inf || !r.loss.is_finite(),
+            policy.compute == DType::F16,
+        ) {
+            (false, _) => skipped_in_a_row = 0,
+            (true, true) => {
+                // f16: the loss scaler skips the step and halves the scale (torch's GradScaler).
+                skipped_in_a_row += 1;
+                if lead && skipped_in_a_row == SKIPS_BEFORE_WARNING {
+                    eprintln!(
+                        "kiln: warning: {SKIPS_BEFORE_WARNING} steps in a row skipped with inf/NaN \
+                         gradients (step {step}, loss {}, loss scale {}): the run is not learning; \
+                         try precision.compute = \"bf16\" or a lower optim.lr",
+                        r.loss,
+                        r.scale.unwrap_or(1.0)
+                    );
+                }
+            }
+            (true, false) => {
+                return Err(TrainerError::NonFinite(format!(
+                    "step {step}: the loss is {} and the gradients are {}: the training diverged \
+                     (optim.lr = {:e}; or a model or adapter with bad weights); stopped without a \
+                     checkpoint of it, {}",
+                    r.loss,
+                    if r.found_inf { "not finite" } else { "finite" },
+                    config.optim.lr,
+                    match &last_ckpt {
+                        Some(c) => format!("the newest checkpoint is still {}", c.display()),
+                        None => "no checkpoint was written".into(),
+                    }
+                )));
+            }
         }
         first_loss.get_or_insert(r.loss);
         last_loss = Some(r.loss);
@@ -693,6 +800,45 @@ fn rank_main(
     Ok(summary)
 }
 
+/// Consecutive skipped (inf/NaN) f16 steps after which a run warns that it is not learning.
+const SKIPS_BEFORE_WARNING: u64 = 10;
+
+/// Refuses a model that cannot fit in this machine's memory before it is built: every rank of
+/// this process (`local_ranks`) builds the whole f32 model, with LoRA adapters of `lora.r`.
+fn check_model_fits(config: &TrainConfig, model: &LlamaConfig, local_ranks: usize) -> Result<()> {
+    let params = model.unit_sizes()?.total as f64;
+    let lora = if lora_on(config) && config.lora.adapter.is_none() {
+        // At most every linear layer: r · (in + out) for q, k, v, o, gate, up, down.
+        let (h, i) = (model.hidden_size as f64, model.intermediate_size as f64);
+        let q = (model.num_attention_heads * model.head_dim) as f64;
+        config.lora.r as f64 * model.num_hidden_layers as f64 * (4.0 * (h + q) + 3.0 * (h + i))
+    } else {
+        0.0
+    };
+    let field = match (
+        &config.model.pretrained,
+        &config.model.config,
+        lora > params,
+    ) {
+        (_, _, true) => "lora.r".to_string(),
+        (Some(_), _, _) => "model.pretrained".into(),
+        (None, Some(_), _) => "model.config".into(),
+        (None, None, _) => "model.preset".into(),
+    };
+    crate::config::check_fits(
+        &field,
+        &format!(
+            "{local_ranks} rank(s) of a model of {params:.3e} parameters{} in f32 (with AdamW state)",
+            if lora > 0.0 {
+                format!(" and LoRA adapters of {lora:.3e}")
+            } else {
+                String::new()
+            }
+        ),
+        local_ranks as f64 * (params + lora) * 4.0 * 2.0,
+    )
+}
+
 /// A fresh run starts a new `metrics.jsonl`; a resumed one keeps the records up to the step it
 /// resumes at (a run killed after its last checkpoint logged steps that will be redone).
 fn trim_metrics(out_dir: &Path, resumed_at: Option<u64>) -> Result<()> {
@@ -734,11 +880,18 @@ fn evaluate(
     let rows = rank_slice(dataset.eval(), rank, world)?;
     let micro = config.train.micro_batch.max(1);
     let chunks = micro_batches(rows, micro)?;
+    // A rank whose slice of the held-out rows is empty still joins every collective
+    // (`Engine::evaluate` runs the most batches any rank has).
     let (sum, tokens) = engine.evaluate(chunks.len(), |i| {
         batch_of(model_config, chunks[i], device, policy.compute, None)
             .map_err(|e| kiln_zero::ZeroError::Model(e.to_string()))
     })?;
-    let loss = (sum / tokens.max(1) as f64) as f32;
+    if tokens == 0 {
+        // No held-out token on any rank (every rank sees the same total): no loss to report,
+        // rather than a loss of 0 and a perplexity of 1.
+        return Ok(None);
+    }
+    let loss = (sum / tokens as f64) as f32;
     // Generation needs the whole model on one rank: every rank joins the gather (a collective;
     // the task is the same on all of them), rank 0 generates. Tasks without it gather nothing.
     let task = dataset.addition();
@@ -862,9 +1015,17 @@ pub fn checkpoint_config(dir: &Path) -> Result<(TrainConfig, u64)> {
 
 /// The run's config and step in a checkpoint manifest's `extra` (the trainer state) of `dir`.
 pub fn state_config(extra: &serde_json::Value, dir: &Path) -> Result<(TrainConfig, u64)> {
-    let s = TrainerState::deserialize(extra)
-        .map_err(|e| TrainerError::Checkpoint(format!("{}: trainer state: {e}", dir.display())))?;
-    Ok((TrainConfig::from_toml_str(&s.config)?, s.step))
+    let manifest = dir.join(kiln_zero::checkpoint::MANIFEST);
+    let s = TrainerState::deserialize(extra).map_err(|e| {
+        TrainerError::Checkpoint(format!("{}: trainer state: {e}", manifest.display()))
+    })?;
+    let config = TrainConfig::from_toml_str(&s.config).map_err(|e| {
+        TrainerError::Checkpoint(format!(
+            "{}: the run's config stored in it: {e}",
+            manifest.display()
+        ))
+    })?;
+    Ok((config, s.step))
 }
 
 /// The elapsed time as `1m 02s`.

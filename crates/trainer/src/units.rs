@@ -7,6 +7,27 @@ use burn::tensor::{DType, Device, Gradients, Int, Tensor, TensorData};
 use kiln_models::{Context, IGNORE_INDEX, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, unit_of};
 use kiln_zero::{Units, load_params, named_grads, named_params_where, release_params};
 
+/// Refuses an id or label outside the vocabulary, which would index past the embedding (or the
+/// logits), before any tensor exists, naming where it is.
+fn check_vocab(config: &LlamaConfig, ids: &[i64], labels: &[i64], seq: usize) -> crate::Result<()> {
+    let vocab = config.vocab_size as i64;
+    for (what, values, ignore) in [("id", ids, None), ("label", labels, Some(IGNORE_INDEX))] {
+        if let Some(i) = values
+            .iter()
+            .position(|&t| (t < 0 || t >= vocab) && Some(t) != ignore)
+        {
+            return Err(crate::TrainerError::Argument(format!(
+                "token {what} {} (row {}, position {}) is outside the model's vocabulary \
+                 0..{vocab}: the tokenizer or its special ids (bos/eos/pad) do not fit the model",
+                values[i],
+                i / seq.max(1),
+                i % seq.max(1)
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// One micro-batch on one rank: token ids, labels (`-100` where no loss), the rotary/mask
 /// context and the number of tokens that count in the loss.
 pub struct Batch {
@@ -36,6 +57,7 @@ impl Batch {
                 labels.len()
             )));
         }
+        check_vocab(config, &ids, &labels, seq)?;
         let ctx = Context::new(config, rows, seq, None, device, dtype)?;
         Ok(Self::with_context(ids, labels, rows, seq, ctx, device))
     }
@@ -67,6 +89,7 @@ impl Batch {
                 labels.len()
             )));
         }
+        check_vocab(config, &ids, &labels, seq_len)?;
         let ctx = Context::packed(config, batch, seq_len, &segments, &positions, device, dtype)?;
         Ok(Self::with_context(ids, labels, batch, seq_len, ctx, device))
     }

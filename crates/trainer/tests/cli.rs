@@ -201,9 +201,9 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues_bit_identically() {
     let extra: Vec<String> = common.iter().map(|s| s.to_string()).collect();
     let mut args = vec!["train".to_string()];
     args.extend(tiny(&resumed, steps, &extra));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+    let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(&args)
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -221,10 +221,12 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues_bit_identically() {
         .status()
         .unwrap();
     assert!(killed.success());
-    assert!(
-        child.wait().unwrap().success(),
-        "Ctrl-C must end the run cleanly"
-    );
+    // A run that did not finish never exits 0 (`kiln train && kiln export` must stop): 130,
+    // as for any program ended by SIGINT, after its checkpoint, saying how to go on.
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(130), "{text}");
+    assert!(text.contains("kiln train --resume"), "{text}");
     let stopped = losses(&resumed).len() as u64;
     assert!(
         stopped < steps,
