@@ -332,3 +332,26 @@ fn a_file_where_a_folder_goes_is_named() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn f16_keeps_skipping_non_finite_steps_warns_and_never_checkpoints_them() {
+    // f16 with the loss scaler: steps with inf/NaN gradients are skipped (torch's GradScaler);
+    // weights made infinite by lr 1e300 keep every later step skipped, which is warned about, and
+    // the final checkpoint of those weights is refused.
+    let out = scratch("f16-skips");
+    let sets = tiny(
+        &out,
+        14,
+        &[
+            "optim.lr=1e300",
+            "optim.warmup_steps=1",
+            "precision.compute=f16",
+            "dist.world_size=1",
+        ],
+    );
+    let e = fails(&args(&["train"], &sets));
+    assert!(e.contains("steps in a row skipped"), "{e}");
+    assert!(e.contains("not finite"), "{e}");
+    assert!(!out.join("checkpoints/latest").exists(), "{e}");
+    let _ = std::fs::remove_dir_all(&out);
+}
