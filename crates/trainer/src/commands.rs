@@ -342,6 +342,12 @@ pub fn run_estimate(args: &EstimateArgs) -> Result<String> {
             activation_bytes(&shape, false) / 1e9,
             activation_bytes(&shape, true) / 1e9
         );
+        if seq > c.max_position_embeddings {
+            out += &format!(
+                "(--seq {seq} is longer than the model's max_position_embeddings {}: kiln would not train it)\n",
+                c.max_position_embeddings
+            );
+        }
     }
     say!("{out}")?;
     Ok(out)
