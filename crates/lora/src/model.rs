@@ -212,6 +212,14 @@ impl<M: Module> LoraModel<M> {
         let dir = dir.as_ref();
         let peft = PeftAdapter::load(dir)?;
         self.add_peft(name, &peft, &dir.display().to_string())
+            .map_err(|e| match e {
+                // Errors about the adapter's target_modules come from its config file.
+                LoraError::NoTargets { .. } | LoraError::Unsupported(_) => LoraError::InFile {
+                    path: dir.join(crate::peft::CONFIG_FILE),
+                    source: Box::new(e),
+                },
+                other => other,
+            })
     }
 
     /// Adds an adapter from PEFT tensors, refusing one whose modules or shapes do not match the
