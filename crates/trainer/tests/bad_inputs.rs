@@ -24,9 +24,12 @@ fn cases(n: u32) -> ProptestConfig {
     }
 }
 
-/// A folder that lives for the whole test binary.
+/// A folder that lives for the whole test binary, under cargo's `target/tmp` (reused by the
+/// next run rather than left behind in the system's temporary folder).
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("kiln-bad-{name}-{}", std::process::id()));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("bad-inputs")
+        .join(name);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
