@@ -504,10 +504,10 @@ proptest! {
         let dir = scratch_once("jsonl");
         let path = dir.join("data.jsonl");
         std::fs::write(&path, lines.join("\n")).unwrap();
-        match load_jsonl(std::slice::from_ref(&path), &Tokenizer::Byte, seq_len) {
+        match load_jsonl(std::slice::from_ref(&path), &Tokenizer::Byte, None, seq_len) {
             Ok(d) => {
                 for row in &d.examples {
-                    prop_assert_eq!(row.ids.len(), seq_len);
+                    prop_assert!(row.ids.len() <= seq_len);
                     prop_assert!(row.ids.iter().all(|&t| (0..259).contains(&t)));
                 }
             }
