@@ -97,6 +97,22 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).map_err(io(path))
 }
 
+/// A writer that counts and checksums what goes through it (a rank file's length and CRC-32
+/// for the manifest, computed as it is written).
+struct Hashed<W: Write> {
+    w: W,
+    crc: crc32fast::Hasher,
+    len: u64,
+}
+
+impl<W: Write> Hashed<W> {
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.crc.update(bytes);
+        self.len += bytes.len() as u64;
+        self.w.write_all(bytes)
+    }
+}
+
 /// Reads a regular text file of at most `cap` bytes (a manifest).
 fn read_small(path: &Path, cap: u64) -> Result<String> {
     let file = fs::File::open(path).map_err(io(path))?;
@@ -679,11 +695,18 @@ impl<U: Units> Engine<U> {
         }
     }
 
-    /// This rank's file: its pieces of every unit's buffers, with their offsets as metadata.
-    fn rank_file(&mut self) -> Result<Vec<u8>> {
+    /// Writes this rank's file (its pieces of every unit's buffers, with their offsets as
+    /// metadata) to `path` atomically, tensor by tensor: the master and AdamW slices go to the
+    /// file straight from the engine's buffers and a frozen piece is made one unit at a time,
+    /// so saving holds no copy of the rank's state. Returns the file's length and CRC-32.
+    fn write_rank_file(&self, path: &Path) -> Result<(i64, i64)> {
+        /// Where a piece's values come from.
+        enum Source<'a> {
+            F32(&'a [f32]),
+            Frozen(usize, std::ops::Range<usize>),
+        }
         let compute = self.config.policy.compute;
-        let mut tensors: Vec<(String, TensorData)> = Vec::new();
-        let mut meta: HashMap<String, String> = HashMap::new();
+        let mut pieces: Vec<(String, DType, usize, usize, Source)> = Vec::new();
         for u in 0..self.state.len() {
             let s = &self.state[u];
             let numel = s.layout.flat.numel();
@@ -697,50 +720,105 @@ impl<U: Units> Engine<U> {
                     ("exp_avg", &opt.exp_avg[..]),
                     ("exp_avg_sq", &opt.exp_avg_sq[..]),
                 ] {
-                    let name = format!("u{u}.{kind}");
-                    let v = values[local.clone()].to_vec();
-                    tensors.push((name.clone(), TensorData::new(v, [hi - lo])));
-                    meta.insert(name, lo.to_string());
+                    let v = &values[local.clone()];
+                    pieces.push((
+                        format!("u{u}.{kind}"),
+                        DType::F32,
+                        v.len(),
+                        lo,
+                        Source::F32(v),
+                    ));
                 }
             }
             let numel = s.frozen.flat.numel();
             let (lo, hi) =
                 self.owned_range(numel, s.frozen.shard, self.config.stage.shards_params());
             if hi > lo {
-                let data = match &s.frozen_shard {
-                    Some(buf) => {
-                        let off = s.frozen.shard.offset;
-                        buf.slice(lo - off..hi - off)
-                    }
-                    None => {
-                        let params = self.units.unit_params(u)?;
-                        let mut buf = crate::shard::ShardBuf::zeros(compute, numel)?;
-                        let whole = kiln_precision::Shard {
-                            offset: 0,
-                            len: numel,
-                        };
-                        buf.fill(&s.frozen.flat, whole, &params)?;
-                        buf.slice(lo..hi)
-                    }
+                let dtype = match &s.frozen_shard {
+                    Some(buf) => buf.dtype(),
+                    None => compute,
                 };
-                let name = format!("u{u}.frozen");
-                tensors.push((name.clone(), data));
-                meta.insert(name, lo.to_string());
+                pieces.push((
+                    format!("u{u}.frozen"),
+                    dtype,
+                    hi - lo,
+                    lo,
+                    Source::Frozen(u, lo..hi),
+                ));
             }
         }
-        let views = tensors
+        // The safetensors header: every piece's dtype, shape and byte range, the offsets as
+        // metadata, padded with spaces to 8 bytes as the safetensors library writes it.
+        let mut header = serde_json::Map::new();
+        let meta: serde_json::Map<String, serde_json::Value> = pieces
             .iter()
-            .map(|(k, t)| {
-                let view = safetensors::tensor::TensorView::new(
-                    st_dtype(t.dtype())?,
-                    t.shape().to_vec(),
-                    t.as_bytes(),
-                )
-                .map_err(|e| ZeroError::Model(format!("{k}: {e}")))?;
-                Ok((k.clone(), view))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        safetensors::serialize(views, Some(meta)).map_err(|e| ZeroError::Model(e.to_string()))
+            .map(|(name, _, _, lo, _)| (name.clone(), lo.to_string().into()))
+            .collect();
+        header.insert("__metadata__".into(), meta.into());
+        let mut at = 0usize;
+        for (name, dtype, n, _, _) in &pieces {
+            let bytes = n * dtype.size();
+            let st = format!("{:?}", st_dtype(*dtype)?);
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": st, "shape": [n], "data_offsets": [at, at + bytes]}),
+            );
+            at += bytes;
+        }
+        let mut header = serde_json::Value::Object(header).to_string().into_bytes();
+        header.resize(header.len().next_multiple_of(8), b' ');
+
+        let part = path.with_extension("part");
+        let file = fs::File::create(&part).map_err(io(&part))?;
+        let mut out = Hashed {
+            w: std::io::BufWriter::with_capacity(1 << 20, file),
+            crc: crc32fast::Hasher::new(),
+            len: 0,
+        };
+        out.put(&(header.len() as u64).to_le_bytes())
+            .map_err(io(&part))?;
+        out.put(&header).map_err(io(&part))?;
+        let mut staged = Vec::with_capacity(1 << 18);
+        for (name, _, _, _, source) in &pieces {
+            match source {
+                Source::F32(values) => {
+                    for chunk in values.chunks(1 << 16) {
+                        staged.clear();
+                        staged.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+                        out.put(&staged).map_err(io(&part))?;
+                    }
+                }
+                Source::Frozen(u, range) => {
+                    let s = &self.state[*u];
+                    let data = match &s.frozen_shard {
+                        Some(buf) => {
+                            let off = s.frozen.shard.offset;
+                            buf.slice(range.start - off..range.end - off)
+                        }
+                        None => {
+                            let numel = s.frozen.flat.numel();
+                            let params = self.units.unit_params(*u)?;
+                            let mut buf = crate::shard::ShardBuf::zeros(compute, numel)?;
+                            let whole = kiln_precision::Shard {
+                                offset: 0,
+                                len: numel,
+                            };
+                            buf.fill(&s.frozen.flat, whole, &params)?;
+                            buf.slice(range.clone())
+                        }
+                    };
+                    out.put(data.as_bytes()).map_err(io(&part))?;
+                }
+            }
+            tracing::trace!(piece = %name, "written");
+        }
+        let Hashed { w, crc, len } = out;
+        let file = w
+            .into_inner()
+            .map_err(|e| err(&part, format!("flushing: {}", e.error())))?;
+        file.sync_all().map_err(io(&part))?;
+        fs::rename(&part, path).map_err(io(path))?;
+        Ok((len as i64, i64::from(crc.finalize())))
     }
 
     /// Saves a checkpoint as `root/name` (a collective: every rank must call it). Each rank
@@ -788,11 +866,7 @@ impl<U: Units> Engine<U> {
 
         let file = format!("rank-{rank:05}-of-{world:05}.safetensors");
         let written = self
-            .rank_file()
-            .and_then(|bytes| {
-                write_atomic(&tmp.join(&file), &bytes)?;
-                Ok((bytes.len() as i64, i64::from(crc32fast::hash(&bytes))))
-            })
+            .write_rank_file(&tmp.join(&file))
             .map_err(|e| e.to_string());
         let mine = match &written {
             Ok((bytes, crc)) => [0, *bytes, *crc],
