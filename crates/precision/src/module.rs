@@ -261,46 +261,7 @@ pub fn collect_grads<M: Module>(
     module: &M,
     grads: &Gradients,
 ) -> Result<Vec<(String, TensorData)>> {
-    struct V<'a> {
-        grads: &'a Gradients,
-        stack: PathStack,
-        out: Vec<(String, TensorData)>,
-        err: Option<PrecisionError>,
-    }
-    impl ModuleVisitor for V<'_> {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.enter(name);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let Some(g) = param.grad(self.grads) else {
-                return;
-            };
-            let path = self.stack.path();
-            match g.try_into_data() {
-                Ok(data) => self.out.push((path, data)),
-                Err(e) => {
-                    self.err.get_or_insert(PrecisionError::Data {
-                        path,
-                        msg: format!("{e:?}"),
-                    });
-                }
-            }
-        }
-    }
-    let mut v = V {
-        grads,
-        stack: PathStack::default(),
-        out: Vec::new(),
-        err: None,
-    };
-    module.visit(&mut v);
-    match v.err {
-        Some(e) => Err(e),
-        None => Ok(v.out),
-    }
+    grads_of(module, GradSource::Read(grads))
 }
 
 /// [`collect_grads`] that takes each gradient out of `grads` (`grad_remove`): the tensor's data
@@ -309,8 +270,19 @@ pub fn take_grads<M: Module>(
     module: &M,
     grads: &mut Gradients,
 ) -> Result<Vec<(String, TensorData)>> {
+    grads_of(module, GradSource::Take(grads))
+}
+
+/// Where [`grads_of`] gets a parameter's gradient: a clone from the container, or the entry
+/// itself, removed.
+enum GradSource<'a> {
+    Read(&'a Gradients),
+    Take(&'a mut Gradients),
+}
+
+fn grads_of<M: Module>(module: &M, grads: GradSource<'_>) -> Result<Vec<(String, TensorData)>> {
     struct V<'a> {
-        grads: &'a mut Gradients,
+        grads: GradSource<'a>,
         stack: PathStack,
         out: Vec<(String, TensorData)>,
         err: Option<PrecisionError>,
@@ -323,7 +295,11 @@ pub fn take_grads<M: Module>(
             self.stack.exit();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let Some(g) = param.grad_remove(self.grads) else {
+            let g = match &mut self.grads {
+                GradSource::Read(grads) => param.grad(grads),
+                GradSource::Take(grads) => param.grad_remove(grads),
+            };
+            let Some(g) = g else {
                 return;
             };
             let path = self.stack.path();
