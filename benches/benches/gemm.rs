@@ -29,6 +29,7 @@ fn gemm(c: &mut Criterion) {
         ("mlp_up", 1024, 256, 688),
         ("mlp_down", 1024, 688, 256),
         ("lm_head", 1024, 256, 4096),
+        ("lm_head_dx", 1024, 4096, 256),
     ];
     for (label, m, k, n) in shapes {
         let (a32, b32) = (values(m * k, 1), values(k * n, 2));
