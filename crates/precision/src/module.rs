@@ -145,27 +145,10 @@ pub struct NamedParam {
 
 /// Paths of every float parameter, in visit order.
 pub fn param_paths<M: Module>(module: &M) -> Vec<String> {
-    struct V {
-        stack: PathStack,
-        out: Vec<String>,
-    }
-    impl ModuleVisitor for V {
-        fn enter_module(&mut self, name: &str, _: &str) {
-            self.stack.enter(name);
-        }
-        fn exit_module(&mut self, _: &str, _: &str) {
-            self.stack.exit();
-        }
-        fn visit_float<const D: usize>(&mut self, _: &Param<Tensor<D>>) {
-            self.out.push(self.stack.path());
-        }
-    }
-    let mut v = V {
-        stack: PathStack::default(),
-        out: Vec::new(),
-    };
-    module.visit(&mut v);
-    v.out
+    param_counts(module)
+        .into_iter()
+        .map(|(path, _)| path)
+        .collect()
 }
 
 /// Path and element count of every float parameter, in visit order: the values are not read
@@ -183,7 +166,7 @@ pub fn param_counts<M: Module>(module: &M) -> Vec<(String, usize)> {
             self.stack.exit();
         }
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            let numel = param.val().dims().iter().product();
+            let numel = param.shape().num_elements();
             self.out.push((self.stack.path(), numel));
         }
     }

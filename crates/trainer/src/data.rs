@@ -743,10 +743,11 @@ pub fn micro_batches<T>(rows: &[T], micro: usize) -> Result<Vec<&[T]>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn temp_dir(name: &str) -> PathBuf {
+    /// A fresh folder for one test (unique per process and call).
+    pub(crate) fn temp_dir(name: &str) -> PathBuf {
         static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir =
@@ -755,7 +756,8 @@ mod tests {
         dir
     }
 
-    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    /// `text` written to `dir/name`.
+    pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
         let p = dir.join(name);
         std::fs::write(&p, text).unwrap();
         p

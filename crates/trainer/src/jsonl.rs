@@ -281,22 +281,8 @@ pub fn chat_template_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::tests::{temp_dir, write};
     use crate::data::{BYTE_BOS, BYTE_EOS, BYTE_PAD};
-
-    fn temp_dir(name: &str) -> PathBuf {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("kiln-jsonl-test-{}-{name}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    }
 
     #[test]
     fn prompt_response_and_completion_mask_the_prompt() {

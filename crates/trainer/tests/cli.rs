@@ -2,26 +2,12 @@
 //! LoRA, 1 and 2 ranks; resume; export and load the export; eval and generate on the fixture
 //! Llama; invalid configs.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .expect("run kiln")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = kiln(args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "kiln {args:?} failed:\n{text}");
-    text
-}
+use common::{fixtures, kiln, ok};
 
 fn fails(args: &[&str]) -> String {
     let out = kiln(args);
@@ -34,12 +20,6 @@ fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-cli-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     dir
-}
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("KILN_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
 }
 
 /// A few steps of the tiny addition job.

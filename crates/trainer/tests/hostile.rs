@@ -2,15 +2,12 @@
 //! non-zero with a message naming the file, field or flag (or behaves correctly where the input
 //! is valid), never a panic; a diverging run stops with the previous checkpoint the newest.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
 
-fn kiln(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .output()
-        .expect("run kiln")
-}
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::{fixtures, kiln, ok};
 
 /// Runs kiln, which must fail cleanly: non-zero, not a panic (101), `kiln: error:` on stderr.
 fn fails(args: &[&str]) -> String {
@@ -31,28 +28,11 @@ fn fails(args: &[&str]) -> String {
     err
 }
 
-fn ok(args: &[&str]) -> String {
-    let out = kiln(args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "kiln {args:?} failed:\n{text}");
-    text
-}
-
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("kiln-hostile-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-fn fixtures() -> PathBuf {
-    std::env::var_os("KILN_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
 }
 
 /// `--set` pairs of the tiny addition job writing to `out`.

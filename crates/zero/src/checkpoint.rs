@@ -779,7 +779,7 @@ impl<U: Units> Engine<U> {
             .map_err(io(&part))?;
         out.put(&header).map_err(io(&part))?;
         let mut staged = Vec::with_capacity(1 << 18);
-        for (name, _, _, _, source) in &pieces {
+        for (_, _, _, _, source) in &pieces {
             match source {
                 Source::F32(values) => {
                     for chunk in values.chunks(1 << 16) {
@@ -810,7 +810,6 @@ impl<U: Units> Engine<U> {
                     out.put(data.as_bytes()).map_err(io(&part))?;
                 }
             }
-            tracing::trace!(piece = %name, "written");
         }
         let Hashed { w, crc, len } = out;
         let file = w
