@@ -222,9 +222,12 @@ impl LocalRank {
             // SAFETY: every peer's buffer has `len` elements (validated), so the offset is in bounds.
             .map(|q| unsafe { self.peer::<T>(q).0.cast_mut().add(mine.offset) })
             .collect();
-        // SAFETY: shard `mine` of every buffer is read and written by this rank only, and the
-        // peers' buffers stay alive until the last barrier (or `quiesce`).
-        unsafe { all_reduce_raw(&bufs, mine.len, op, world) };
+        // Alone, the buffer already holds the result of every op (a sum, max, min or mean of one).
+        if world > 1 {
+            // SAFETY: shard `mine` of every buffer is read and written by this rank only, and
+            // the peers' buffers stay alive until the last barrier (or `quiesce`).
+            unsafe { all_reduce_raw(&bufs, mine.len, op, world) };
+        }
         self.arrive(call, false, false)
     }
 

@@ -14,6 +14,57 @@ const CHUNK: usize = 4096;
 
 const EXP_MASK: u32 = 0x7F80_0000;
 
+/// Elements per task of the parallel passes over large buffers ([`par_new`], [`par_zip`]).
+pub(crate) const PAR_CHUNK: usize = 1 << 16;
+
+/// A new vector of `src.len()` elements, `f(src_chunk, dst_chunk)` filling each chunk, the
+/// chunks on the rank's threads when the buffer is large (a copy or cast of a whole parameter
+/// is otherwise one core's memory bandwidth). Each chunk is zeroed just before `f` writes it,
+/// by the same thread, so no serial pass over the new vector comes first.
+pub(crate) fn par_new<S: Sync, D: Copy + Default + Send + Sync>(
+    src: &[S],
+    f: impl Fn(&[S], &mut [D]) -> Result<()> + Sync + Send,
+) -> Result<Vec<D>> {
+    use rayon::prelude::*;
+    use std::mem::MaybeUninit;
+    let n = src.len();
+    if n < 2 * PAR_CHUNK {
+        let mut out = vec![D::default(); n];
+        f(src, &mut out)?;
+        return Ok(out);
+    }
+    let mut out = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(PAR_CHUNK)
+        .zip(src.par_chunks(PAR_CHUNK))
+        .try_for_each(|(d, s)| {
+            d.fill(MaybeUninit::new(D::default()));
+            // SAFETY: every element of `d` was just written; MaybeUninit<D> has D's layout.
+            let d = unsafe { &mut *(d as *mut [MaybeUninit<D>] as *mut [D]) };
+            f(s, d)
+        })?;
+    // SAFETY: the chunks cover all `n` elements, each initialised above.
+    unsafe { out.set_len(n) };
+    Ok(out)
+}
+
+/// `f(dst_chunk, src_chunk)` over matching chunks of `dst` and `src` (the same length), on the
+/// rank's threads when they are large.
+pub(crate) fn par_zip<S: Sync, D: Send>(
+    dst: &mut [D],
+    src: &[S],
+    f: impl Fn(&mut [D], &[S]) -> Result<()> + Sync + Send,
+) -> Result<()> {
+    use rayon::prelude::*;
+    check_len("destination", src.len(), dst.len())?;
+    if dst.len() < 2 * PAR_CHUNK {
+        return f(dst, src);
+    }
+    dst.par_chunks_mut(PAR_CHUNK)
+        .zip(src.par_chunks(PAR_CHUNK))
+        .try_for_each(|(d, s)| f(d, s))
+}
+
 /// Converts f32 to f16 (round to nearest, ties to even; overflow to ±inf; gradual underflow).
 ///
 /// # Shapes

@@ -483,17 +483,15 @@ pub(crate) fn cast_to_data(
     dtype: DType,
 ) -> Result<TensorData> {
     Ok(match dtype {
-        DType::F32 => TensorData::new(values.to_vec(), shape),
-        DType::F16 => {
-            let mut out = vec![f16::ZERO; values.len()];
-            flat::f32_to_f16(values, &mut out)?;
-            TensorData::new(out, shape)
-        }
-        DType::BF16 => {
-            let mut out = vec![bf16::ZERO; values.len()];
-            flat::f32_to_bf16(values, &mut out)?;
-            TensorData::new(out, shape)
-        }
+        DType::F32 => TensorData::new(
+            flat::par_new(values, |s, d: &mut [f32]| {
+                d.copy_from_slice(s);
+                Ok(())
+            })?,
+            shape,
+        ),
+        DType::F16 => TensorData::new(flat::par_new(values, flat::f32_to_f16)?, shape),
+        DType::BF16 => TensorData::new(flat::par_new(values, flat::f32_to_bf16)?, shape),
         other => {
             return Err(PrecisionError::UnsupportedDType {
                 what: format!("compute copy of `{path}`"),
@@ -505,7 +503,8 @@ pub(crate) fn cast_to_data(
 
 const STAGE: usize = 1024;
 
-/// Converts `data[src]` (f32, f16 or bf16) into `dst`, overwriting or adding.
+/// Converts `data[src]` (f32, f16 or bf16) into `dst`, overwriting or adding (chunks of a
+/// large parameter on the rank's threads).
 fn convert_into(
     path: &str,
     data: &TensorData,
@@ -521,37 +520,22 @@ fn convert_into(
     match data.dtype() {
         DType::F32 => {
             let s = &data.as_slice::<f32>().map_err(err)?[src];
-            if add {
-                dst.iter_mut().zip(s).for_each(|(d, s)| *d += s);
-            } else {
-                dst.copy_from_slice(s);
-            }
+            flat::par_zip(dst, s, |d, s| {
+                if add {
+                    d.iter_mut().zip(s).for_each(|(d, s)| *d += s);
+                } else {
+                    d.copy_from_slice(s);
+                }
+                Ok(())
+            })?;
         }
         DType::F16 => {
             let s = &data.as_slice::<f16>().map_err(err)?[src];
-            if add {
-                let mut stage = [0f32; STAGE];
-                for (d, s) in dst.chunks_mut(STAGE).zip(s.chunks(STAGE)) {
-                    let st = &mut stage[..s.len()];
-                    flat::f16_to_f32(s, st)?;
-                    d.iter_mut().zip(st.iter()).for_each(|(d, s)| *d += s);
-                }
-            } else {
-                flat::f16_to_f32(s, dst)?;
-            }
+            flat::par_zip(dst, s, |d, s| widen_into(d, s, add, flat::f16_to_f32))?;
         }
         DType::BF16 => {
             let s = &data.as_slice::<bf16>().map_err(err)?[src];
-            if add {
-                let mut stage = [0f32; STAGE];
-                for (d, s) in dst.chunks_mut(STAGE).zip(s.chunks(STAGE)) {
-                    let st = &mut stage[..s.len()];
-                    flat::bf16_to_f32(s, st)?;
-                    d.iter_mut().zip(st.iter()).for_each(|(d, s)| *d += s);
-                }
-            } else {
-                flat::bf16_to_f32(s, dst)?;
-            }
+            flat::par_zip(dst, s, |d, s| widen_into(d, s, add, flat::bf16_to_f32))?;
         }
         other => {
             return Err(PrecisionError::UnsupportedDType {
@@ -559,6 +543,25 @@ fn convert_into(
                 dtype: other,
             });
         }
+    }
+    Ok(())
+}
+
+/// `dst (+)= widen(src)` through a small f32 stage when adding.
+fn widen_into<S>(
+    dst: &mut [f32],
+    src: &[S],
+    add: bool,
+    widen: fn(&[S], &mut [f32]) -> Result<()>,
+) -> Result<()> {
+    if !add {
+        return widen(src, dst);
+    }
+    let mut stage = [0f32; STAGE];
+    for (d, s) in dst.chunks_mut(STAGE).zip(src.chunks(STAGE)) {
+        let st = &mut stage[..s.len()];
+        widen(s, st)?;
+        d.iter_mut().zip(st.iter()).for_each(|(d, s)| *d += s);
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 use rayon::prelude::*;
 
 use super::elem::{Elem, exp, kernel, max_by, sum_by, sum2_by};
+use super::parallel::{new_rows, new_rows2};
 use super::small;
 
 /// Shapes and constants of one attention call.
@@ -90,18 +91,30 @@ pub(crate) fn forward<E: Elem>(
         .into_par_iter()
         .map(|task| head_forward(q, k, v, mask, dims, task / heads, task % heads))
         .collect();
-    let mut out = vec![E::from_f32(0.0); batch * seq * dims.q_row()];
+    // Each batch row's heads go into its own slab of the output, the slabs in parallel.
+    let slab = seq * dims.q_row();
+    let out = new_rows(
+        batch * slab,
+        slab,
+        slab,
+        E::from_f32(0.0),
+        |first, slabs| {
+            for (i, out) in slabs.chunks_exact_mut(slab.max(1)).enumerate() {
+                for h in 0..heads {
+                    scatter(
+                        &per_head[(first + i) * heads + h].0,
+                        out,
+                        h * d,
+                        dims.q_row(),
+                        d,
+                    );
+                }
+            }
+        },
+    );
     let mut stats = Vec::with_capacity(batch * heads * seq * 2);
-    for (task, (o, st)) in per_head.into_iter().enumerate() {
-        let (b, h) = (task / heads, task % heads);
-        scatter(
-            &o,
-            &mut out,
-            b * seq * dims.q_row() + h * d,
-            dims.q_row(),
-            d,
-        );
-        stats.extend(st);
+    for (_, st) in &per_head {
+        stats.extend_from_slice(st);
     }
     (out, stats)
 }
@@ -293,25 +306,43 @@ pub(crate) fn backward<E: Elem>(
             )
         })
         .collect();
-    let mut dq = vec![E::from_f32(0.0); q.len()];
-    let mut dk = vec![E::from_f32(0.0); k.len()];
-    let mut dv = vec![E::from_f32(0.0); v.len()];
-    for (task, g) in per_kv.into_iter().enumerate() {
-        let (b, kvh) = (task / kv_heads, task % kv_heads);
-        for (j, dqh) in g.dq.iter().enumerate() {
-            let h = kvh * dims.groups() + j;
-            scatter(
-                dqh,
-                &mut dq,
-                b * seq * dims.q_row() + h * d,
-                dims.q_row(),
-                d,
-            );
+    // Each batch row's heads go into its own slab of each gradient, the slabs in parallel.
+    let zero = E::from_f32(0.0);
+    let q_slab = seq * dims.q_row();
+    let dq = new_rows(q.len(), q_slab, q_slab, zero, |first, slabs| {
+        for (i, dq) in slabs.chunks_exact_mut(q_slab.max(1)).enumerate() {
+            for (kvh, g) in per_kv[(first + i) * kv_heads..][..kv_heads]
+                .iter()
+                .enumerate()
+            {
+                for (j, dqh) in g.dq.iter().enumerate() {
+                    let h = kvh * dims.groups() + j;
+                    scatter(dqh, dq, h * d, dims.q_row(), d);
+                }
+            }
         }
-        let base = b * keys * dims.kv_row() + kvh * d;
-        scatter(&g.dk, &mut dk, base, dims.kv_row(), d);
-        scatter(&g.dv, &mut dv, base, dims.kv_row(), d);
-    }
+    });
+    let kv_slab = keys * dims.kv_row();
+    let (dk, dv) = new_rows2(
+        (k.len(), kv_slab),
+        (v.len(), kv_slab),
+        2 * kv_slab,
+        (zero, zero),
+        |first, dk_slabs, dv_slabs| {
+            let slabs = dk_slabs
+                .chunks_exact_mut(kv_slab.max(1))
+                .zip(dv_slabs.chunks_exact_mut(kv_slab.max(1)));
+            for (i, (dk, dv)) in slabs.enumerate() {
+                for (kvh, g) in per_kv[(first + i) * kv_heads..][..kv_heads]
+                    .iter()
+                    .enumerate()
+                {
+                    scatter(&g.dk, dk, kvh * d, dims.kv_row(), d);
+                    scatter(&g.dv, dv, kvh * d, dims.kv_row(), d);
+                }
+            }
+        },
+    );
     (dq, dk, dv)
 }
 

@@ -3,7 +3,7 @@
 //! Nothing of `[rows, vocab]` size is kept between the passes: only each row's log-sum-exp.
 
 use super::elem::{Elem, exp, kernel, max_by, sum_by};
-use super::parallel::{for_rows, for_rows2};
+use super::parallel::{for_rows, new_rows2};
 
 /// Label value that excludes a row from the loss (Hugging Face's `ignore_index`).
 pub(crate) const IGNORE: i64 = -100;
@@ -12,18 +12,23 @@ pub(crate) const IGNORE: i64 = -100;
 /// row's log-sum-exp. Targets outside `0..vocab` (other than `IGNORE`) are the caller's error.
 pub(crate) fn forward<E: Elem>(logits: &[E], targets: &[i64], vocab: usize) -> (f32, Vec<f32>) {
     let rows = targets.len();
-    let mut lse = vec![0.0f32; rows];
-    let mut loss = vec![0.0f32; rows];
-    for_rows2(&mut lse, 1, &mut loss, 1, |first, lse, loss| {
-        let n = lse.len();
-        rows_forward(
-            &logits[first * vocab..(first + n) * vocab],
-            &targets[first..first + n],
-            vocab,
-            lse,
-            loss,
-        )
-    });
+    // A row's work is its vocabulary row, not its one output.
+    let (lse, loss) = new_rows2(
+        (rows, 1),
+        (rows, 1),
+        vocab,
+        (0.0f32, 0.0f32),
+        |first, lse, loss| {
+            let n = lse.len();
+            rows_forward(
+                &logits[first * vocab..(first + n) * vocab],
+                &targets[first..first + n],
+                vocab,
+                lse,
+                loss,
+            )
+        },
+    );
     // A fixed order, whatever the threads did.
     let sum = loss.iter().map(|&l| f64::from(l)).sum::<f64>() as f32;
     (sum, lse)

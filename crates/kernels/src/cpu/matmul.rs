@@ -7,7 +7,10 @@
 use half::{bf16, f16};
 use kiln_gemm::{MatRef, Out};
 
+use std::mem::MaybeUninit;
+
 use super::elem::Elem;
+use super::parallel::init;
 
 /// A strided read-only matrix: element `(i, j)` is `data[i · rs + j · cs]`.
 #[derive(Clone, Copy)]
@@ -60,7 +63,7 @@ impl<'a, E> Mat<'a, E> {
         (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
     }
 
-    fn retype<T: bytemuck::Pod>(self) -> Mat<'a, T>
+    pub(crate) fn retype<T: bytemuck::Pod>(self) -> Mat<'a, T>
     where
         E: bytemuck::Pod,
     {
@@ -85,7 +88,7 @@ impl<'a, E> Mat<'a, E> {
 }
 
 /// Below this many multiply-adds a product runs on the calling thread.
-const PARALLEL_WORK: usize = 1 << 21;
+pub(crate) const PARALLEL_WORK: usize = 1 << 21;
 
 fn threads_for(a: &Mat<impl Sized>, b: &Mat<impl Sized>) -> usize {
     let work = a.rows.saturating_mul(a.cols).saturating_mul(b.cols);
@@ -115,15 +118,25 @@ fn check<E, F>(a: &Mat<E>, b: &Mat<E>, out: &[F], out_rs: usize) {
 /// [`ROW_TILE`] and above the small-product sizes, the remainder padded with zero rows to one
 /// such product of its own. kiln-gemm computes every element the same way wherever it sits.
 pub(crate) fn matmul_rows<E: Elem>(a: Mat<E>, b: Mat<E>) -> Vec<E> {
+    let len = a.rows * b.cols;
+    let mut out = Vec::with_capacity(len);
+    matmul_rows_into(a, b, &mut out.spare_capacity_mut()[..len]);
+    // SAFETY: `matmul_rows_into` wrote all `len` elements.
+    unsafe { out.set_len(len) };
+    out
+}
+
+/// [`matmul_rows`] into `out` (`a.rows × b.cols`, row-major, possibly uninitialised), every
+/// element written. Rows computed by separate calls equal the rows of one call.
+pub(crate) fn matmul_rows_into<E: Elem>(a: Mat<E>, b: Mat<E>, out: &mut [MaybeUninit<E>]) {
     use rayon::prelude::*;
-    use std::mem::MaybeUninit;
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert_eq!(a.rs, k, "matmul_rows: row-major A");
     assert_eq!(a.cs, 1, "matmul_rows: row-major A");
+    assert_eq!(out.len(), m * n, "matmul_rows: output size");
     if E::DTYPE == burn::tensor::DType::BF16 || m == 0 || n == 0 || k == 0 {
-        let mut out = vec![E::from_f32(0.0); m * n];
-        matmul(a, b, &mut out, n);
-        return out;
+        matmul(a, b, init(out, E::from_f32(0.0)), n);
+        return;
     }
     assert_eq!(k, b.rows, "matmul_rows: inner dimensions");
     assert!(
@@ -147,9 +160,7 @@ pub(crate) fn matmul_rows<E: Elem>(a: Mat<E>, b: Mat<E>) -> Vec<E> {
         1
     };
     // The output is written, never read, by the products: no zeroing pass.
-    let mut out: Vec<E> = Vec::with_capacity(m * n);
-    let spare = &mut out.spare_capacity_mut()[..m * n];
-    let (body_out, rest_out) = spare.split_at_mut(body * n);
+    let (body_out, rest_out) = out.split_at_mut(body * n);
     let mut jobs: Vec<(usize, &mut [MaybeUninit<E>])> = Vec::with_capacity(parts + 1);
     let (mut left, mut start, tiles) = (body_out, 0, body / ROW_TILE);
     for p in 0..parts.min(tiles) {
@@ -186,14 +197,12 @@ pub(crate) fn matmul_rows<E: Elem>(a: Mat<E>, b: Mat<E>) -> Vec<E> {
             o.write(v);
         }
     };
+    // The jobs cover all `m × n` elements and each writes all of its own.
     if parallel {
         jobs.into_par_iter().for_each(job);
     } else {
         jobs.into_iter().for_each(job);
     }
-    // SAFETY: the jobs cover the first `m × n` elements and each wrote all of its own.
-    unsafe { out.set_len(m * n) };
-    out
 }
 
 /// `out[m × n] = a · b` on the `gemm` crate (f32 or f16 `E`), `out` given as a pointer so it may be
@@ -219,7 +228,7 @@ unsafe fn gemm_into<E: Elem>(a: Mat<E>, b: Mat<E>, out: *mut E, out_rs: usize, t
 const SMALL_COLS: usize = 64;
 /// Rows per `gemm` crate product are a multiple of this: a multiple of every microkernel width
 /// it uses (6 on AVX2 and AVX-512, 4 and 8 elsewhere).
-const ROW_TILE: usize = 24;
+pub(crate) const ROW_TILE: usize = 24;
 /// Products of at least this many rows take the `gemm` crate's general path.
 const MIN_ROWS: usize = 72;
 
@@ -311,6 +320,58 @@ pub(crate) fn matmul_f32<E: Elem>(
             );
         }
         _ => gemm_crate::<f32>(a.retype(), b.retype(), out, out_rs, accumulate, threads),
+    }
+}
+
+/// A linear layer's weight gradient rows: `out[r × k] = Σ_blocks dyᵀ[r, block] · x[block, k]` in
+/// f32 for `dy_t` (`r × m`, a row per output feature) and `x` (`m × k`), over blocks of `block`
+/// of the `m` rows (a batch row's positions), the block products added one after the other.
+/// `out` may be uninitialised: every element is written. Each output row's sums do not depend
+/// on the other rows, so the rows may be computed in separate calls.
+pub(crate) fn weight_grad_into<E: Elem>(
+    dy_t: Mat<E>,
+    x: Mat<E>,
+    block: usize,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let (r, m, k) = (dy_t.rows, dy_t.cols, x.cols);
+    assert_eq!(out.len(), r * k, "weight gradient: output size");
+    let block = block.clamp(1, m.max(1));
+    let blk = |start: usize| {
+        let rows = block.min(m - start);
+        let d = Mat {
+            data: &dy_t.data[(start * dy_t.cs).min(dy_t.data.len())..],
+            cols: rows,
+            ..dy_t
+        };
+        (d, x.row_range(start, rows))
+    };
+    if r == 0 || k == 0 {
+        return;
+    }
+    let out: &mut [f32] = if m > 0 && E::DTYPE == burn::tensor::DType::F32 {
+        // f32: the first block's product writes the sum, no zeroed buffer first.
+        let (d, xb) = blk(0);
+        let (d, xb) = (d.retype::<f32>(), xb.retype::<f32>());
+        check(&d, &xb, out, k);
+        let threads = threads_for(&d, &xb);
+        // SAFETY: `check` verified the inputs and that `out` holds the `r × k` block; with at
+        // least one row in the block and no accumulation the product writes every element and
+        // reads none.
+        unsafe { gemm_raw::<f32>(d, xb, out.as_mut_ptr().cast(), k, false, threads) };
+        // SAFETY: every element was just written.
+        unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) }
+    } else {
+        init(out, 0.0)
+    };
+    let skip = if E::DTYPE == burn::tensor::DType::F32 {
+        block
+    } else {
+        0
+    };
+    for start in (skip.min(m)..m).step_by(block) {
+        let (d, xb) = blk(start);
+        matmul_f32(d, xb, out, k, start > 0);
     }
 }
 

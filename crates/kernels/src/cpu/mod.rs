@@ -17,6 +17,8 @@ use burn::tensor::DType;
 
 use elem::Elem;
 use matmul::{Mat, matmul_rows};
+use std::ops::Range;
+
 use tensor::{contiguous, dims, exclusive, floats, ints, slice, tensor, with_elem};
 
 /// A 2-D view of a flex matrix (any non-negative strides) for [`matmul`].
@@ -69,60 +71,81 @@ pub(crate) fn linear(x: FlexTensor, w: FlexTensor) -> FlexTensor {
 }
 
 /// Both gradients of [`linear`] that are asked for: the input's (with `w`) and the weight's
-/// (with `x`), side by side on the pool's threads when there are both.
+/// (with `x`).
+///
+/// With both, each of two threads computes half the input gradient's rows and then half the
+/// weight gradient's rows: the same work on both (the weight gradient's block sums run slower
+/// than the input gradient's one product, so one product per thread left a thread idle for the
+/// difference). The halves are cut by the shapes alone, so the bits do not depend on the
+/// number of threads.
 pub(crate) fn linear_backward(
     dy: FlexTensor,
     x: Option<FlexTensor>,
     w: Option<FlexTensor>,
     block: usize,
 ) -> (Option<FlexTensor>, Option<FlexTensor>) {
-    match (x, w) {
-        (Some(x), Some(w)) => {
-            let dy2 = dy.clone();
-            let (dx, dw) = parallel::side_by_side(
-                move || linear_input_grad(dy2, w),
-                move || linear_weight_grad(dy, x, block),
-            );
-            (Some(dx), Some(dw))
-        }
-        (None, Some(w)) => (Some(linear_input_grad(dy, w)), None),
-        (Some(x), None) => (None, Some(linear_weight_grad(dy, x, block))),
-        (None, None) => (None, None),
-    }
-}
-
-/// The input gradient of [`linear`]: `dy[m, n] · w[n, k]` → `[m, k]`, row by row as the
-/// forward.
-pub(crate) fn linear_input_grad(dy: FlexTensor, w: FlexTensor) -> FlexTensor {
     let dy = contiguous(dy);
     let [m, n] = two(&dy);
-    let (w, wn, k, rs, cs) = mat_of(&w);
-    assert_eq!(n, wn, "linear backward: shapes");
+    let x = x.map(contiguous);
+    let k = match (&x, &w) {
+        (Some(x), _) => two(x)[1],
+        (None, Some(w)) => two(w)[1],
+        (None, None) => return (None, None),
+    };
+    let w = w.map(|w| {
+        let (w, wn, wk, rs, cs) = mat_of(&w);
+        assert_eq!((n, k), (wn, wk), "linear backward: weight shape");
+        (w, rs, cs)
+    });
+    if let Some(x) = &x {
+        assert_eq!(two(x), [m, k], "linear backward: input shape");
+    }
     with_elem!(dy.dtype(), E => {
-        let out = matmul_rows(Mat::rows(slice::<E>(&dy), m, n), view::<E>(&w, n, k, rs, cs));
-        tensor([m, k], out)
-    })
-}
-
-/// The weight gradient of [`linear`]: `dy[m, n]ᵀ · x[m, k]` → `[n, k]` in f32 whatever the
-/// compute dtype (as torch autocast gives f32 gradients for f32 master weights: rounding each
-/// rank's or micro-batch's partial gradient to bf16 before they are summed would cost more
-/// precision than the whole product), summed over blocks of `block` rows (a batch row's
-/// positions) added one after the other. Splitting a batch into micro-batches or ranks along its
-/// rows then only changes how the block sums associate, not the sums themselves.
-pub(crate) fn linear_weight_grad(dy: FlexTensor, x: FlexTensor, block: usize) -> FlexTensor {
-    let (dy, x) = (contiguous(dy), contiguous(x));
-    let ([m, n], [_, k]) = (two(&dy), two(&x));
-    let block = block.clamp(1, m.max(1));
-    with_elem!(dy.dtype(), E => {
-        let (dy, x) = (Mat::rows(slice::<E>(&dy), m, n).t(), Mat::rows(slice::<E>(&x), m, k));
-        let mut acc = vec![0.0f32; n * k];
-        for start in (0..m).step_by(block) {
-            let rows = block.min(m - start);
-            let dy_blk = Mat { data: &dy.data[start * n..], cols: rows, ..dy };
-            matmul::matmul_f32(dy_blk, x.row_range(start, rows), &mut acc, k, start > 0);
+        let dy_m = Mat::rows(slice::<E>(&dy), m, n);
+        let w_m = w.as_ref().map(|(w, rs, cs)| view::<E>(w, n, k, *rs, *cs));
+        let x_m = x.as_ref().map(|x| Mat::rows(slice::<E>(x), m, k));
+        let dx_len = if w_m.is_some() { m * k } else { 0 };
+        let dw_len = if x_m.is_some() { n * k } else { 0 };
+        let (mut dx, mut dw) = (Vec::with_capacity(dx_len), Vec::with_capacity(dw_len));
+        // Rows of dx (a multiple of the product's row tile) and of dw in the first half.
+        let halves = m * n * k >= matmul::PARALLEL_WORK && m >= 2 * matmul::ROW_TILE && n >= 32;
+        let (sm, sn) = if halves {
+            (m / 2 / matmul::ROW_TILE * matmul::ROW_TILE, n / 2 / 16 * 16)
+        } else {
+            (m, n)
+        };
+        {
+            let dx_out = &mut dx.spare_capacity_mut()[..dx_len];
+            let dw_out = &mut dw.spare_capacity_mut()[..dw_len];
+            let (dx_a, dx_b) = dx_out.split_at_mut(if dx_len > 0 { sm * k } else { 0 });
+            let (dw_a, dw_b) = dw_out.split_at_mut(if dw_len > 0 { sn * k } else { 0 });
+            let half = |rows: Range<usize>, outs: Range<usize>, dx: &mut [_], dw: &mut [_]| {
+                if let Some(w_m) = w_m {
+                    matmul::matmul_rows_into(dy_m.row_range(rows.start, rows.len()), w_m, dx);
+                }
+                if let Some(x_m) = x_m {
+                    let dy_t = dy_m.t().row_range(outs.start, outs.len());
+                    matmul::weight_grad_into(dy_t, x_m.row_range(0, m), block, dw);
+                }
+            };
+            if halves {
+                parallel::side_by_side(
+                    || half(0..sm, 0..sn, dx_a, dw_a),
+                    || half(sm..m, sn..n, dx_b, dw_b),
+                );
+            } else {
+                half(0..m, 0..n, dx_a, dw_a);
+            }
         }
-        tensor([n, k], acc)
+        // SAFETY: the halves wrote every element of the gradients asked for.
+        unsafe {
+            dx.set_len(dx_len);
+            dw.set_len(dw_len);
+        }
+        (
+            w_m.map(|_| tensor([m, k], dx)),
+            x_m.map(|_| tensor([n, k], dw)),
+        )
     })
 }
 
@@ -158,7 +181,7 @@ pub(crate) fn rms_norm(x: FlexTensor, w: FlexTensor, eps: f64) -> (FlexTensor, F
     })
 }
 
-/// The gradients of [`rms_norm`]: input (in its dtype), and gain (f32, as [`linear_weight_grad`])
+/// The gradients of [`rms_norm`]: input (in its dtype), and gain (f32, as a linear layer's weight gradient)
 /// when `need_dw`.
 pub(crate) fn rms_norm_backward(
     x: FlexTensor,
@@ -442,12 +465,18 @@ pub(crate) fn embedding_backward(dy: FlexTensor, ids: &FlexTensor, vocab: usize)
         ids.len()
     );
     with_elem!(dy.dtype(), E => {
-        let mut grad = vec![0.0f32; vocab * h];
-        for (row, &i) in slice::<E>(&dy).chunks_exact(h).zip(&ids) {
-            for (g, &d) in grad[i as usize * h..(i as usize + 1) * h].iter_mut().zip(row) {
-                *g += d.to_f32();
+        let dy = slice::<E>(&dy);
+        // Blocks of vocabulary rows in parallel, each adding its tokens' rows in token order.
+        let grad = parallel::new_rows(vocab * h, h, h + n, 0.0f32, |first, grad| {
+            let rows = first..first + grad.len() / h.max(1);
+            for (row, &i) in dy.chunks_exact(h.max(1)).zip(&ids) {
+                let i = i as usize;
+                if rows.contains(&i) {
+                    let g = &mut grad[(i - rows.start) * h..(i - rows.start + 1) * h];
+                    g.iter_mut().zip(row).for_each(|(g, &d)| *g += d.to_f32());
+                }
             }
-        }
+        });
         tensor([vocab, h], grad)
     })
 }

@@ -5,18 +5,19 @@
 //! (`weight * hidden_states.to(input_dtype)`): in bf16 both products round where torch's do.
 
 use super::elem::{Elem, kernel, sum_by, sum3_by};
-use super::parallel::{for_rows, for_rows2, sum_blocks};
+use super::parallel::{new_rows, new_rows2, sum_blocks};
 
 /// Forward over `rows × h` elements: the output and each row's `r` (kept for the backward).
 pub(crate) fn forward<E: Elem>(x: &[E], w: &[f32], eps: f32) -> (Vec<E>, Vec<f32>) {
     let h = w.len();
     let rows = x.len() / h;
-    let mut y = vec![E::from_f32(0.0); x.len()];
-    let mut r = vec![0.0f32; rows];
-    for_rows2(&mut y, h, &mut r, 1, |first, y, r| {
-        rows_forward(&x[first * h..first * h + y.len()], w, eps, y, r)
-    });
-    (y, r)
+    new_rows2(
+        (x.len(), h),
+        (rows, 1),
+        h,
+        (E::from_f32(0.0), 0.0f32),
+        |first, y, r| rows_forward(&x[first * h..first * h + y.len()], w, eps, y, r),
+    )
 }
 
 kernel! {
@@ -51,8 +52,7 @@ pub(crate) fn backward<E: Elem>(
 ) -> (Vec<E>, Option<Vec<f32>>) {
     let h = w.len();
     let rows = r.len();
-    let mut dx = vec![E::from_f32(0.0); x.len()];
-    for_rows(&mut dx, h, |first, dx| {
+    let dx = new_rows(x.len(), h, h, E::from_f32(0.0), |first, dx| {
         let n = dx.len() / h;
         rows_backward(
             &x[first * h..(first + n) * h],

@@ -2,7 +2,7 @@
 //! activations in their own layout: no transpose to `[batch, heads, seq, d]` is needed.
 
 use super::elem::{Elem, kernel};
-use super::parallel::for_rows;
+use super::parallel::new_rows;
 
 /// `y = x·cos + rotate_half(x)·sin` for rows `b·seq + s` of `heads · d` elements, with tables
 /// `cos`, `sin` (f32) of `[seq, d]` (row `s` for position `s` of every batch row) or
@@ -17,14 +17,13 @@ pub(crate) fn apply<E: Elem>(
     inverse: bool,
 ) -> Vec<E> {
     let row = heads * d;
-    let mut y = vec![E::from_f32(0.0); x.len()];
     if row == 0 {
-        return y;
+        return vec![E::from_f32(0.0); x.len()];
     }
     // Token r reads table row r mod (table rows): the position within its row for `[seq, d]`
     // tables, the token itself for `[batch·seq, d]` ones.
     let table_rows = cos.len() / d;
-    for_rows(&mut y, row, |first, y| {
+    new_rows(x.len(), row, row, E::from_f32(0.0), |first, y| {
         let n = y.len() / row;
         let tables = Tables {
             cos,
@@ -40,8 +39,7 @@ pub(crate) fn apply<E: Elem>(
             inverse,
             y,
         )
-    });
-    y
+    })
 }
 
 #[derive(Clone, Copy)]

@@ -4,16 +4,14 @@
 //! `silu(gate) * up` does in bf16.
 
 use super::elem::{Elem, kernel, sigmoid};
-use super::parallel::{for_rows, for_rows2};
+use super::parallel::{new_rows, new_rows2};
 
 /// `silu(g) · u` elementwise; `g` and `u` have the same length.
 pub(crate) fn forward<E: Elem>(g: &[E], u: &[E]) -> Vec<E> {
-    let mut y = vec![E::from_f32(0.0); g.len()];
-    for_rows(&mut y, 1, |first, y| {
+    new_rows(g.len(), 1, 1, E::from_f32(0.0), |first, y| {
         let n = y.len();
         rows_forward(&g[first..first + n], &u[first..first + n], y)
-    });
-    y
+    })
 }
 
 kernel! {
@@ -29,14 +27,12 @@ kernel! {
 /// `(dg, du)` for the upstream gradient `dy`: `dg = dy·u·σ(g)·(1 + g·(1 − σ(g)))`,
 /// `du = dy·silu(g)`.
 pub(crate) fn backward<E: Elem>(g: &[E], u: &[E], dy: &[E]) -> (Vec<E>, Vec<E>) {
-    let mut dg = vec![E::from_f32(0.0); g.len()];
-    let mut du = vec![E::from_f32(0.0); g.len()];
-    for_rows2(&mut dg, 1, &mut du, 1, |first, dg, du| {
+    let (n, zero) = (g.len(), E::from_f32(0.0));
+    new_rows2((n, 1), (n, 1), 1, (zero, zero), |first, dg, du| {
         let n = dg.len();
         let r = first..first + n;
         rows_backward(&g[r.clone()], &u[r.clone()], &dy[r], dg, du)
-    });
-    (dg, du)
+    })
 }
 
 kernel! {
