@@ -88,7 +88,7 @@ impl<'a, E> Mat<'a, E> {
 }
 
 /// Below this many multiply-adds a product runs on the calling thread.
-pub(crate) const PARALLEL_WORK: usize = 1 << 21;
+const PARALLEL_WORK: usize = 1 << 21;
 
 fn threads_for(a: &Mat<impl Sized>, b: &Mat<impl Sized>) -> usize {
     let work = a.rows.saturating_mul(a.cols).saturating_mul(b.cols);
