@@ -13,8 +13,8 @@ use kiln_dist::LocalWorld;
 use kiln_trainer::config::TrainConfig;
 use kiln_trainer::data::{DataPosition, Dataset, Tokenizer, rank_range};
 use kiln_trainer::train::{Resume, batches, build_model, step_dropout, train, zero_config};
-use kiln_trainer::units::{Batch, LlamaUnits};
 use kiln_zero::Engine;
+use kiln_zero::llama::{Batch, LlamaUnits};
 
 const STEPS: u64 = 30;
 

@@ -16,7 +16,7 @@ use kiln_dist::LocalWorld;
 use kiln_lora::{LoraConfig, LoraModel};
 use kiln_models::{Llama, LlamaConfig};
 use kiln_precision::Policy;
-use kiln_trainer::units::{Batch, LlamaUnits};
+use kiln_zero::llama::{Batch, LlamaUnits};
 use kiln_zero::{Engine, Stage, ZeroConfig, ZeroError};
 
 const BATCH: usize = 8;

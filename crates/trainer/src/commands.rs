@@ -182,7 +182,7 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalResult> {
     let (mut sum, mut count) = (0.0f64, 0.0f64);
     for rows in dataset.eval().chunks(config.train.micro_batch.max(1)) {
         let batch =
-            crate::units::Batch::from_rows(&loaded.model_config, collate(rows)?, &device, dtype)?;
+            crate::train::model_batch(&loaded.model_config, collate(rows)?, &device, dtype)?;
         let logits = loaded.model.forward(batch.ids.clone(), &batch.ctx);
         let (s, c) = causal_lm_loss_sum(logits, batch.labels);
         sum += f64::from(scalar(s)?);

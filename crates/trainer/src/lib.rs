@@ -1,7 +1,6 @@
 //! kiln-trainer: the `kiln` binary and the library behind it.
 //!
 //! - [`train`]: the SPMD training loop and its launch (thread ranks, `mpirun`, NCCL);
-//! - [`units`]: the Llama (with LoRA factors attached or not) as units for the ZeRO engine;
 //! - [`export`]: sharded checkpoints to HF safetensors, PEFT adapters, merged models;
 //! - [`commands`]: `kiln train | eval | generate | estimate | export`;
 //! - [`config`]: the TOML job ([`config::TrainConfig`]) with `--set key=value` overrides;
@@ -34,6 +33,5 @@ pub mod plot;
 pub mod schedule;
 pub mod tokenizer;
 pub mod train;
-pub mod units;
 
 pub use error::{Result, TrainerError};

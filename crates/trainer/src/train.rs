@@ -29,8 +29,8 @@ use crate::data::{
     rank_slice,
 };
 use crate::metrics::{EvalRecord, MetricsWriter, Progress, ProgressStats, TrainRecord};
-use crate::units::{Batch, LlamaUnits};
 use crate::{Result, TrainerError};
+use kiln_zero::llama::{Batch, LlamaUnits};
 
 /// Where a run resumes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -439,11 +439,42 @@ pub fn batch_of(
     dtype: DType,
     dropout: Option<AdapterDropout>,
 ) -> Result<Batch> {
-    let mut batch = Batch::from_rows(model_config, collate(rows)?, device, dtype)?;
+    let mut batch = model_batch(model_config, collate(rows)?, device, dtype)?;
     if let Some(d) = dropout {
         batch.ctx = batch.ctx.with_adapter_dropout(d);
     }
     Ok(batch)
+}
+
+/// The model input of collated rows: packed rows ([`crate::data::Example`]) get the context of
+/// their segments and positions (attention within an example, positions restarting).
+pub fn model_batch(
+    config: &LlamaConfig,
+    rows: crate::data::Batch,
+    device: &Device,
+    dtype: DType,
+) -> Result<Batch> {
+    let crate::data::Batch {
+        ids,
+        labels,
+        segments,
+        positions,
+        batch,
+        seq_len,
+    } = rows;
+    Ok(match (segments, positions) {
+        (Some(segments), Some(positions)) => Batch::packed(
+            config,
+            ids,
+            labels,
+            &segments,
+            &positions,
+            (batch, seq_len),
+            device,
+            dtype,
+        )?,
+        _ => Batch::new(config, ids, labels, seq_len, device, dtype)?,
+    })
 }
 
 /// The engine's configuration of a run: stage, precision policy, AdamW, clipping.

@@ -15,7 +15,7 @@ use burn::tensor::{DType, Device, TensorData};
 use kiln_dist::LocalWorld;
 use kiln_models::{Context, Llama};
 use kiln_precision::{AdamWConfig, ParamGroup, Policy};
-use kiln_trainer::units::{Batch, LlamaUnits};
+use kiln_zero::llama::{Batch, LlamaUnits};
 use kiln_zero::{Engine, Stage, ZeroConfig};
 use safetensors::SafeTensors;
 

@@ -98,10 +98,7 @@ fn measure(comm: Communicator, stage: Stage) -> kiln_zero::Result<([u64; 3], Com
     reset_peak();
     let model = Llama::random(&cfg, SEED, &device(), DType::F32)
         .map_err(|e| kiln_zero::ZeroError::Model(e.to_string()))?;
-    let units = LlamaUnits {
-        model,
-        poison: false,
-    };
+    let units = LlamaUnits::new(model);
     let zc = ZeroConfig {
         stage,
         policy,

@@ -33,7 +33,7 @@ fn train(
         },
         ..Default::default()
     };
-    let mut engine = Engine::new(LlamaUnits::new(&config), comm, zc, |_| true)?;
+    let mut engine = Engine::new(llama_units(&config), comm, zc, |_| true)?;
     let mut losses = vec![];
     for step in 0..STEPS {
         let batches = rank_batches(&config, step, rank, world, 1, policy.compute);

@@ -11,6 +11,9 @@ pub enum ZeroError {
     Precision(#[from] kiln_precision::PrecisionError),
     #[error("model: {0}")]
     Model(String),
+    /// A batch the model cannot take (a token outside the vocabulary, ragged rows).
+    #[error("{0}")]
+    Input(String),
     #[error("{0} is not implemented yet")]
     NotImplemented(&'static str),
     #[error("checkpoint {path}: {msg}")]

@@ -16,6 +16,9 @@
 //! a unit's whole parameters exist only from the all-gather just before it runs to the end of
 //! its forward, and again for its recompute + backward. The loss unit is gathered once for both.
 //!
+//! [`llama`] (feature `llama`, default): the Llama of `kiln-models` as [`Units`], the one
+//! adapter the trainer, the benches and the tests share.
+//!
 //! [`checkpoint`]: sharded checkpoints (one safetensors file per rank + `manifest.json` with
 //! CRC-32s, atomic rename, `latest` pointer) that load into any world size or stage, and
 //! [`read_full_checkpoint`] to export without ranks.
@@ -49,6 +52,8 @@ mod engine;
 mod error;
 mod estimate;
 mod layout;
+#[cfg(feature = "llama")]
+pub mod llama;
 mod shard;
 mod units;
 

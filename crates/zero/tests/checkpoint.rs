@@ -35,7 +35,7 @@ fn config(stage: Stage, policy: Policy) -> ZeroConfig {
 }
 
 fn engine(comm: kiln_dist::Communicator, zc: ZeroConfig) -> kiln_zero::Result<Engine<LlamaUnits>> {
-    Engine::new(LlamaUnits::new(&tiny()), comm, zc, |_| true)
+    Engine::new(llama_units(&tiny()), comm, zc, |_| true)
 }
 
 /// Steps `from..to` on the engine; returns the losses.
@@ -236,7 +236,7 @@ fn a_checkpoint_of_another_model_is_refused_naming_the_parameter() {
     let e = LocalWorld::run(1, |comm| {
         let frozen = |p: &str| p.contains("embed_tokens");
         let mut e = Engine::new(
-            LlamaUnits::new(&tiny()),
+            llama_units(&tiny()),
             comm,
             config(Stage::Two, Policy::bf16()),
             |p| !frozen(p),

@@ -31,7 +31,7 @@ fn run(
             ..Default::default()
         };
         let rank = comm.rank();
-        let mut engine = Engine::new(LlamaUnits::new(&config), comm, zc, |_| true)?;
+        let mut engine = Engine::new(llama_units(&config), comm, zc, |_| true)?;
         let mut losses = vec![];
         for step in 0..STEPS {
             let b = rank_batches(&config, step, rank, world, micro, policy.compute);

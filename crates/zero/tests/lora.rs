@@ -13,7 +13,7 @@ use kiln_zero::{Engine, MemoryReport, Stage, ZeroConfig, ZeroError};
 const STEPS: usize = 4;
 
 fn lora_units() -> LlamaUnits {
-    let mut lora = LoraModel::new(LlamaUnits::new(&tiny()).model);
+    let mut lora = LoraModel::new(llama_units(&tiny()).model);
     let config = LoraConfig {
         r: 4,
         alpha: 8.0,
@@ -21,10 +21,7 @@ fn lora_units() -> LlamaUnits {
         ..Default::default()
     };
     lora.add_adapter("default", config, 11).unwrap();
-    LlamaUnits {
-        model: lora.into_model(),
-        poison: false,
-    }
+    LlamaUnits::new(lora.into_model())
 }
 
 fn is_adapter(p: &str) -> bool {

@@ -23,7 +23,7 @@ fn measure(world: usize, stage: Stage, policy: Policy) -> Vec<Out> {
             policy,
             ..Default::default()
         };
-        let mut engine = Engine::new(LlamaUnits::new(&cfg), comm, zc, |_| true)?;
+        let mut engine = Engine::new(llama_units(&cfg), comm, zc, |_| true)?;
         let all: usize = full_params_f32(&mut engine)?.values().map(Vec::len).sum();
         let before = engine.comm().traffic();
         let r = engine.step(&rank_batches(&cfg, 0, rank, world, 1, policy.compute))?;
@@ -185,7 +185,7 @@ fn estimate_reproduces_the_design_figures() {
 fn frozen_parameters_have_no_gradient_master_or_optimizer_state() {
     let cfg = tiny();
     let frozen = |p: &str| p.contains("self_attn") || p.contains("embed_tokens");
-    let init = params_f32(&LlamaUnits::new(&cfg).model);
+    let init = params_f32(&llama_units(&cfg).model);
     let trainable: usize = init
         .iter()
         .filter(|(p, _)| !frozen(p))
@@ -207,7 +207,7 @@ fn frozen_parameters_have_no_gradient_master_or_optimizer_state() {
                 policy: Policy::f32(),
                 ..Default::default()
             };
-            let mut engine = Engine::new(LlamaUnits::new(&cfg), comm, zc, |p| !frozen(p))?;
+            let mut engine = Engine::new(llama_units(&cfg), comm, zc, |p| !frozen(p))?;
             for l in engine.layouts() {
                 assert!(l.flat.entries().iter().all(|e| !frozen(&e.path)));
             }

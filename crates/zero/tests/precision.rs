@@ -48,7 +48,7 @@ fn update_error(
 #[test]
 fn bf16_and_f16_under_stages_two_and_three_match_one_rank_of_the_same_policy() {
     let cfg = tiny();
-    let init = params_f32(&LlamaUnits::new(&cfg).model);
+    let init = params_f32(&llama_units(&cfg).model);
     for (name, policy, loss_tol, update_tol) in [
         ("bf16", Policy::bf16(), 2e-2, 0.1),
         ("f16", Policy::fp16(), 5e-3, 1e-2),
@@ -63,7 +63,7 @@ fn bf16_and_f16_under_stages_two_and_three_match_one_rank_of_the_same_policy() {
             let out = LocalWorld::run(world, |comm| {
                 let rank = comm.rank();
                 let mut engine =
-                    Engine::new(LlamaUnits::new(&cfg), comm, config(stage, policy), |_| true)?;
+                    Engine::new(llama_units(&cfg), comm, config(stage, policy), |_| true)?;
                 let mut losses = vec![];
                 for step in 0..STEPS {
                     let b = rank_batches(&cfg, step, rank, world, 1, policy.compute);
@@ -99,7 +99,7 @@ fn bf16_and_f16_under_stages_two_and_three_match_one_rank_of_the_same_policy() {
 #[test]
 fn an_inf_on_one_rank_makes_every_rank_skip_the_step() {
     let cfg = tiny();
-    let init = params_f32(&LlamaUnits::new(&cfg).model);
+    let init = params_f32(&llama_units(&cfg).model);
     for (stage, policy) in [
         (Stage::Two, Policy::fp16()),
         (Stage::Two, Policy::bf16()),
@@ -109,8 +109,11 @@ fn an_inf_on_one_rank_makes_every_rank_skip_the_step() {
         let out = LocalWorld::run(world, |comm| {
             let rank = comm.rank();
             let zc = config(stage, policy);
-            let mut engine = Engine::new(LlamaUnits::new(&cfg), comm, zc, |_| true)?;
-            engine.units_mut().poison = rank == 1;
+            let units = Poisoned {
+                inner: llama_units(&cfg),
+                poison: rank == 1,
+            };
+            let mut engine = Engine::new(units, comm, zc, |_| true)?;
             let first = engine.step(&rank_batches(&cfg, 0, rank, world, 1, policy.compute))?;
             let after_skip = full_params_f32(&mut engine)?;
             let scale = engine.scaler().map(|s| s.scale());
@@ -139,7 +142,7 @@ fn an_inf_on_one_rank_makes_every_rank_skip_the_step() {
 #[test]
 fn gradients_reduced_in_bf16_or_f16_train_like_f32_and_halve_the_reduction_traffic() {
     let cfg = tiny();
-    let init = params_f32(&LlamaUnits::new(&cfg).model);
+    let init = params_f32(&llama_units(&cfg).model);
     let world = 2;
     const MICRO: u64 = 2;
     let run = |stage: Stage, reduce: DType| {
@@ -149,8 +152,7 @@ fn gradients_reduced_in_bf16_or_f16_train_like_f32_and_halve_the_reduction_traff
         };
         LocalWorld::run(world, |comm| {
             let rank = comm.rank();
-            let mut engine =
-                Engine::new(LlamaUnits::new(&cfg), comm, config(stage, policy), |_| true)?;
+            let mut engine = Engine::new(llama_units(&cfg), comm, config(stage, policy), |_| true)?;
             let (mut losses, mut bytes) = (vec![], 0);
             for step in 0..STEPS {
                 let b = rank_batches(&cfg, step, rank, world, MICRO as usize, policy.compute);

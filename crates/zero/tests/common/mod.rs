@@ -1,20 +1,16 @@
 #![allow(dead_code)]
-//! A Llama adapter for the engine, a tiny config, data, and the single-rank reference trainer.
+//! A tiny config, data, a fault-injecting wrapper of the shipped Llama adapter, and the
+//! single-rank reference trainer.
 
 use std::collections::HashMap;
 
-use burn::module::Module;
-use burn::tensor::{DType, Device, Gradients, Int, Tensor, TensorData};
-use kiln_models::{
-    AdapterDropout, Context, Llama, LlamaConfig, UnitId, causal_lm_loss_sum, unit_of,
-};
+use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
+use kiln_models::{AdapterDropout, Llama, LlamaConfig, causal_lm_loss_sum};
 use kiln_precision::{
     AdamWConfig, ParamGroup, Policy, cast_module, collect_grads, master_weights_for, write_back,
 };
-use kiln_zero::{
-    Result, Units, ZeroError, load_params, named_grads, named_params, named_params_where,
-    release_params,
-};
+pub use kiln_zero::llama::{Batch, LlamaUnits};
+use kiln_zero::{Result, Units, ZeroError, named_params};
 
 pub fn tiny() -> LlamaConfig {
     LlamaConfig::from_json(
@@ -46,21 +42,10 @@ pub fn global_ids(config: &LlamaConfig, step: usize) -> Vec<i64> {
         .collect()
 }
 
-/// One micro-batch on one rank.
-pub struct Batch {
-    pub ids: Tensor<2, Int>,
-    pub ctx: Context,
-    pub rows: usize,
-}
-
+/// `ids` as one micro-batch of the shipped adapter: the labels are the ids (every position
+/// after the first counts in the loss).
 pub fn batch(config: &LlamaConfig, ids: &[i64], dtype: DType) -> Batch {
-    let device = device();
-    let rows = ids.len() / SEQ;
-    Batch {
-        ids: Tensor::from_data(TensorData::new(ids.to_vec(), [rows, SEQ]), &device),
-        ctx: Context::new(config, rows, SEQ, None, &device, dtype).unwrap(),
-        rows,
-    }
+    Batch::new(config, ids.to_vec(), ids.to_vec(), SEQ, &device(), dtype).unwrap()
 }
 
 /// Rows `[lo, hi)` of the global batch of `step`, cut into `micro` micro-batches (uneven ok).
@@ -103,84 +88,56 @@ pub fn rank_batches_with_dropout(
         .collect()
 }
 
-/// The Llama as a stack of units: embedding, each block, final norm + head + loss.
-pub struct LlamaUnits {
-    pub model: Llama,
-    /// Put an inf into the head's gradient (fault injection).
+/// The tiny Llama of `config` (seed [`SEED`]) as the shipped units.
+pub fn llama_units(config: &LlamaConfig) -> LlamaUnits {
+    LlamaUnits::new(Llama::random(config, SEED, &device(), DType::F32).unwrap())
+}
+
+/// The shipped adapter with a fault to inject: when `poison` is set, an inf in the head's
+/// gradient. Everything else is the adapter's.
+pub struct Poisoned {
+    pub inner: LlamaUnits,
     pub poison: bool,
 }
 
-impl LlamaUnits {
-    pub fn new(config: &LlamaConfig) -> Self {
-        let model = Llama::random(config, SEED, &device(), DType::F32).unwrap();
-        Self {
-            model,
-            poison: false,
-        }
-    }
-
-    fn id(&self, unit: usize) -> UnitId {
-        match unit {
-            0 => UnitId::Embed,
-            u if u <= self.model.model.layers.len() => UnitId::Block(u - 1),
-            _ => UnitId::Head,
-        }
-    }
-}
-
-impl Units for LlamaUnits {
+impl Units for Poisoned {
     type Batch = Batch;
 
     fn num_units(&self) -> usize {
-        self.model.model.layers.len() + 2
+        self.inner.num_units()
     }
 
     fn unit_params(&self, unit: usize) -> Result<Vec<(String, TensorData)>> {
-        let id = self.id(unit);
-        named_params_where(&self.model, &|p| unit_of(p) == Some(id))
-    }
-
-    fn set_unit_params(&mut self, _unit: usize, values: Vec<(String, TensorData)>) -> Result<()> {
-        let map: HashMap<String, TensorData> = values.into_iter().collect();
-        self.model = load_params(self.model.clone(), map)?;
-        Ok(())
+        self.inner.unit_params(unit)
     }
 
     fn shared_params(&self, unit: usize) -> Vec<String> {
-        // A tied head projects with the embedding the first unit owns.
-        let tied = self.model.lm_head.is_none();
-        match self.id(unit) {
-            UnitId::Head if tied => vec!["model.embed_tokens.weight".to_string()],
-            _ => Vec::new(),
-        }
+        self.inner.shared_params(unit)
+    }
+
+    fn set_unit_params(&mut self, unit: usize, values: Vec<(String, TensorData)>) -> Result<()> {
+        self.inner.set_unit_params(unit, values)
     }
 
     fn release_unit(&mut self, unit: usize) -> Result<()> {
-        let (id, shared) = (self.id(unit), self.shared_params(unit));
-        let release = |p: &str| unit_of(p) == Some(id) || shared.iter().any(|s| s == p);
-        self.model = release_params(self.model.clone(), &release);
-        Ok(())
+        self.inner.release_unit(unit)
     }
 
     fn forward(&self, unit: usize, input: Option<Tensor<3>>, batch: &Batch) -> Tensor<3> {
-        match (self.id(unit), input) {
-            (UnitId::Embed, _) => self.model.embed(batch.ids.clone()),
-            (UnitId::Block(i), Some(h)) => self.model.model.layers[i].forward(h, &batch.ctx),
-            (id, input) => panic!("unit {id:?} called with input {:?}", input.is_some()),
-        }
+        self.inner.forward(unit, input, batch)
     }
 
     fn loss_sum(&self, input: Tensor<3>, batch: &Batch) -> Tensor<1> {
-        causal_lm_loss_sum(self.model.head(input, &batch.ctx), batch.ids.clone()).0
+        self.inner.loss_sum(input, batch)
     }
 
     fn tokens(&self, batch: &Batch) -> usize {
-        batch.rows * (SEQ - 1)
+        self.inner.tokens(batch)
     }
 
     fn unit_grads(&self, unit: usize, grads: &mut Gradients) -> Result<Vec<(String, TensorData)>> {
-        let mut g = named_grads(&self.model, grads)?;
-        if self.poison && self.id(unit) == UnitId::Head {
+        let mut g = self.inner.unit_grads(unit, grads)?;
+        if self.poison && unit == self.num_units() - 1 {
             let (_, d) = g
                 .iter_mut()
                 .find(|(p, _)| p == "lm_head.weight")
@@ -194,7 +151,7 @@ impl Units for LlamaUnits {
 
     fn detached(&self) -> Self {
         Self {
-            model: self.model.valid(),
+            inner: self.inner.detached(),
             poison: self.poison,
         }
     }
@@ -252,7 +209,8 @@ pub fn reference(
     let mut losses = vec![];
     for step in 0..steps {
         let b = batch(&config, &global_ids(&config, step), policy.compute);
-        let (sum, count) = causal_lm_loss_sum(model.forward(b.ids.clone(), &b.ctx), b.ids.clone());
+        let (sum, count) =
+            causal_lm_loss_sum(model.forward(b.ids.clone(), &b.ctx), b.labels.clone());
         let loss = sum / count;
         losses.push(loss.clone().into_data().iter::<f32>().next().unwrap());
         let scaled = match &scaler {
