@@ -22,8 +22,9 @@ use kiln_precision::{AdamWState, ScalerState};
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Engine, Stage};
+use crate::engine::Engine;
 use crate::error::{Result, ZeroError};
+use crate::plan::Stage;
 use crate::shard::split;
 use crate::units::Units;
 
@@ -710,8 +711,7 @@ impl<U: Units> Engine<U> {
         for u in 0..self.state.len() {
             let s = &self.state[u];
             let numel = s.layout.flat.numel();
-            let (lo, hi) =
-                self.owned_range(numel, s.layout.shard, self.config.stage.shards_optimizer());
+            let (lo, hi) = self.owned_range(numel, s.layout.shard, self.plan.shard_optimizer);
             if hi > lo {
                 let local = lo - s.layout.shard.offset..hi - s.layout.shard.offset;
                 let opt = s.master.optimizer_state();
@@ -731,8 +731,7 @@ impl<U: Units> Engine<U> {
                 }
             }
             let numel = s.frozen.flat.numel();
-            let (lo, hi) =
-                self.owned_range(numel, s.frozen.shard, self.config.stage.shards_params());
+            let (lo, hi) = self.owned_range(numel, s.frozen.shard, self.plan.shard_params);
             if hi > lo {
                 let dtype = match &s.frozen_shard {
                     Some(buf) => buf.dtype(),
@@ -1010,7 +1009,7 @@ impl<U: Units> Engine<U> {
                     exp_avg: cut(&files.assemble(&format!("u{u}.exp_avg"), numel)?),
                     exp_avg_sq: cut(&files.assemble(&format!("u{u}.exp_avg_sq"), numel)?),
                 })?;
-                if s.frozen_shard.is_none() {
+                if !self.plan.shard_params {
                     values.extend(
                         split(&master, &s.layout.flat)
                             .into_iter()
@@ -1031,7 +1030,7 @@ impl<U: Units> Engine<U> {
                     ),
                 }
             }
-            if self.config.stage.shards_params() {
+            if self.plan.shard_params {
                 // Stage 3 keeps the unit released; the shards are all it needs.
                 continue;
             }

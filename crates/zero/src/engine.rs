@@ -4,82 +4,13 @@
 use burn::tensor::{DType, Gradients, Tensor, TensorData};
 use half::{bf16, f16};
 use kiln_dist::{Communicator, Element, ReduceOp};
-use kiln_precision::{AdamWConfig, DynamicLossScaler, MasterWeights, ParamGroup, Policy};
+use kiln_precision::{DynamicLossScaler, MasterWeights, ParamGroup};
 
 use crate::error::{Result, ZeroError};
 use crate::layout::{DECAY, NO_DECAY, UnitLayout};
+use crate::plan::{GradSync, Plan, ZeroConfig};
 use crate::shard::ShardBuf;
 use crate::units::Units;
-
-/// What each rank keeps (DESIGN.md, ZeRO).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub enum Stage {
-    /// Stage 0: full gradients, master weights and optimizer state on every rank.
-    Ddp,
-    /// Stage 1: optimizer state and master weights sharded.
-    One,
-    /// Stage 2: gradients sharded too, reduce-scattered unit by unit during backward.
-    Two,
-    /// Stage 3 (FSDP): parameters sharded too; each unit is all-gathered just before its
-    /// forward and again for its backward, and released right after.
-    Three,
-}
-
-impl Stage {
-    /// Whether master weights and optimizer state are sharded.
-    pub fn shards_optimizer(self) -> bool {
-        !matches!(self, Stage::Ddp)
-    }
-
-    /// Whether the compute copy of the parameters is sharded (stage 3).
-    pub fn shards_params(self) -> bool {
-        matches!(self, Stage::Three)
-    }
-}
-
-/// Training configuration of the engine.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ZeroConfig {
-    pub stage: Stage,
-    /// Compute dtype (f32, bf16 or f16); master weights are f32. `policy.reduce` is the dtype
-    /// gradients cross ranks in: f32 (the default), or bf16 / f16 to halve the reduction's
-    /// traffic (FSDP's `reduce_dtype`): each rank's f32 gradient is rounded once to it, summed in
-    /// f32 by the communicator, rounded once more and widened into the f32 shard.
-    pub policy: Policy,
-    pub adamw: AdamWConfig,
-    /// Learning rate and weight decay; the decay applies to matrices only (ndim >= 2), norm
-    /// gains and biases get none (see [`crate::layout::group_of`]).
-    pub group: ParamGroup,
-    /// Clip gradients to this global L2 norm (after unscaling), torch's `clip_grad_norm_`.
-    pub max_grad_norm: Option<f32>,
-    /// Activation recompute: keep only each unit's input during the forward and re-run the unit
-    /// in its backward (a third more FLOPs for a fraction of the activation memory). `None`: the
-    /// stage's default, on at stage 3 only. Without recompute each unit keeps its autodiff graph
-    /// from the forward to its backward, as torch does; at stage 3 that graph holds the unit's
-    /// gathered parameters, so they stay gathered until the unit's backward instead of being
-    /// gathered twice.
-    pub recompute: Option<bool>,
-}
-
-impl ZeroConfig {
-    /// Whether activations are recomputed (see [`ZeroConfig::recompute`]).
-    pub fn recomputes(&self) -> bool {
-        self.recompute.unwrap_or(self.stage == Stage::Three)
-    }
-}
-
-impl Default for ZeroConfig {
-    fn default() -> Self {
-        Self {
-            stage: Stage::Two,
-            policy: Policy::default(),
-            adamw: AdamWConfig::default(),
-            group: ParamGroup::default(),
-            max_grad_norm: None,
-            recompute: None,
-        }
-    }
-}
 
 /// What a step did, identical on every rank.
 #[derive(Debug, Clone, PartialEq)]
@@ -149,6 +80,8 @@ pub struct Engine<U: Units> {
     pub(crate) units: U,
     pub(crate) comm: Communicator,
     pub(crate) config: ZeroConfig,
+    /// What the stage means here (read instead of the stage).
+    pub(crate) plan: Plan,
     pub(crate) scaler: Option<DynamicLossScaler>,
     pub(crate) state: Vec<UnitState>,
     pub(crate) param_bytes: u64,
@@ -179,6 +112,7 @@ impl<U: Units> Engine<U> {
         }
         let (rank, world) = (comm.rank(), comm.world_size());
         let compute = config.policy.compute;
+        let plan = config.plan();
         let mut state = Vec::with_capacity(n);
         let mut seen = std::collections::HashSet::new();
         let mut param_bytes = 0;
@@ -192,13 +126,7 @@ impl<U: Units> Engine<U> {
                     )));
                 }
             }
-            let layout = UnitLayout::new(
-                &params,
-                &trainable,
-                rank,
-                world,
-                config.stage.shards_optimizer(),
-            )?;
+            let layout = UnitLayout::new(&params, &trainable, rank, world, plan.shard_optimizer)?;
             let mut master = MasterWeights::new(
                 layout.flat.clone(),
                 layout.shard,
@@ -210,7 +138,7 @@ impl<U: Units> Engine<U> {
                 &|p: &str| !trainable(p),
                 rank,
                 world,
-                config.stage.shards_params(),
+                plan.shard_params,
             )?;
             for (p, d) in &params {
                 if layout.flat.get(p).is_some() {
@@ -218,7 +146,7 @@ impl<U: Units> Engine<U> {
                 }
             }
             let whole_bytes = ((layout.flat.numel() + frozen.flat.numel()) * compute.size()) as u64;
-            let frozen_shard = if config.stage.shards_params() {
+            let frozen_shard = if plan.shard_params {
                 let mut base = ShardBuf::zeros(compute, frozen.shard.len)?;
                 base.fill(&frozen.flat, frozen.shard, &params)?;
                 drop(params);
@@ -275,6 +203,7 @@ impl<U: Units> Engine<U> {
             units,
             comm,
             config,
+            plan,
             state,
             param_bytes,
             grad_live: 0,
@@ -358,7 +287,7 @@ impl<U: Units> Engine<U> {
         for u in 0..self.state.len() {
             let s = &self.state[u];
             if !s.layout.flat.entries().is_empty() {
-                if self.config.stage.shards_optimizer() {
+                if self.plan.shard_optimizer {
                     let mut shard = ShardBuf::zeros(DType::F32, s.layout.shard.len)?;
                     shard.cast_from_master(&s.master)?;
                     out.extend(shard.gather(&self.comm, &s.layout.flat, s.layout.padded)?);
@@ -368,13 +297,13 @@ impl<U: Units> Engine<U> {
                     }
                 }
             }
-            match &s.frozen_shard {
-                Some(base) => {
+            match (self.plan.shard_params, &s.frozen_shard) {
+                (true, Some(base)) => {
                     if !s.frozen.flat.entries().is_empty() {
                         out.extend(base.gather(&self.comm, &s.frozen.flat, s.frozen.padded)?);
                     }
                 }
-                None => out.extend(
+                _ => out.extend(
                     self.units
                         .unit_params(u)?
                         .into_iter()
@@ -464,7 +393,7 @@ impl<U: Units> Engine<U> {
         for (k, batch) in micro_batches.iter().enumerate() {
             loss_sum += self.forward_backward(batch, factor, k == last)?;
         }
-        if self.config.stage == Stage::One {
+        if self.plan.grad_sync == GradSync::ReduceScatterAtStepEnd {
             for u in 0..self.state.len() {
                 self.reduce_scatter_unit(u)?;
             }
@@ -494,7 +423,7 @@ impl<U: Units> Engine<U> {
     /// loss sum.
     fn forward_backward(&mut self, batch: &U::Batch, factor: f32, last: bool) -> Result<f32> {
         let n = self.units.num_units();
-        let recompute = self.config.recomputes();
+        let recompute = self.plan.recompute;
         // Per middle unit: its input (a leaf), and without recompute its output's graph.
         let mut kept: Vec<(Tensor<3>, Option<Tensor<3>>)> = Vec::with_capacity(n - 2);
         self.fetch(0)?;
@@ -564,36 +493,34 @@ impl<U: Units> Engine<U> {
 
     /// Stage 3: all-gathers `unit`'s parameters (trainable and frozen) into the model.
     fn fetch(&mut self, unit: usize) -> Result<()> {
-        let s = &self.state[unit];
-        let Some(base) = &s.frozen_shard else {
+        if !self.plan.shard_params {
             return Ok(());
-        };
-        let before = self.comm.traffic().total().bytes_sent;
-        let mut values = Vec::new();
-        if !s.layout.flat.entries().is_empty() {
-            values.extend(gather(&self.comm, s, self.config.policy.compute)?);
         }
-        if !s.frozen.flat.entries().is_empty() {
-            values.extend(base.gather(&self.comm, &s.frozen.flat, s.frozen.padded)?);
-        }
-        // Tied weights come from their owner's shards (every rank gathers the same ones).
-        let mut shared_bytes = 0;
-        for (owner, path, bytes) in &s.shared {
-            let o = &self.state[*owner];
-            let whole = if o.layout.flat.get(path).is_some() {
-                gather(&self.comm, o, self.config.policy.compute)?
-            } else {
-                let base = o
-                    .frozen_shard
-                    .as_ref()
-                    .expect("stage 3 keeps frozen shards");
-                base.gather(&self.comm, &o.frozen.flat, o.frozen.padded)?
-            };
-            values.extend(whole.into_iter().filter(|(p, _)| p == path));
-            shared_bytes += bytes;
-        }
+        let (comm, state, compute) = (&self.comm, &self.state, self.config.policy.compute);
+        let s = &state[unit];
+        let (values, shared_bytes) = metered(comm, &mut self.model_bytes, || {
+            let mut values = Vec::new();
+            if !s.layout.flat.entries().is_empty() {
+                values.extend(gather(comm, s, compute)?);
+            }
+            if !s.frozen.flat.entries().is_empty() {
+                values.extend(frozen_shard(s)?.gather(comm, &s.frozen.flat, s.frozen.padded)?);
+            }
+            // Tied weights come from their owner's shards (every rank gathers the same ones).
+            let mut shared_bytes = 0;
+            for (owner, path, bytes) in &s.shared {
+                let o = &state[*owner];
+                let whole = if o.layout.flat.get(path).is_some() {
+                    gather(comm, o, compute)?
+                } else {
+                    frozen_shard(o)?.gather(comm, &o.frozen.flat, o.frozen.padded)?
+                };
+                values.extend(whole.into_iter().filter(|(p, _)| p == path));
+                shared_bytes += bytes;
+            }
+            Ok((values, shared_bytes))
+        })?;
         let s = &self.state[unit];
-        self.model_bytes += self.comm.traffic().total().bytes_sent - before;
         self.gathered_live += s.whole_bytes + shared_bytes;
         self.gathered_peak = self.gathered_peak.max(self.gathered_live);
         self.units.set_unit_params(unit, values)
@@ -601,10 +528,10 @@ impl<U: Units> Engine<U> {
 
     /// Stage 3: drops `unit`'s whole parameters (shared ones included) again.
     fn release(&mut self, unit: usize) -> Result<()> {
-        let s = &self.state[unit];
-        if s.frozen_shard.is_none() {
+        if !self.plan.shard_params {
             return Ok(());
         }
+        let s = &self.state[unit];
         self.gathered_live -= s.whole_bytes + s.shared.iter().map(|(_, _, b)| b).sum::<u64>();
         self.units.release_unit(unit)
     }
@@ -629,20 +556,21 @@ impl<U: Units> Engine<U> {
         let pending = std::mem::take(&mut self.state[unit].pending);
         unit_grads.extend(pending);
         let s = &mut self.state[unit];
-        match self.config.stage {
-            Stage::Ddp => {
+        match self.plan.grad_sync {
+            GradSync::AllReduce => {
                 for (p, g) in &unit_grads {
                     if s.layout.flat.get(p).is_some() {
                         s.master.add_grad(p, g)?;
                     }
                 }
                 if last {
-                    let before = self.comm.traffic().total().bytes_sent;
-                    all_reduce_grads(&self.comm, self.config.policy.reduce, s.master.grads_mut())?;
-                    self.model_bytes += self.comm.traffic().total().bytes_sent - before;
+                    let (comm, reduce) = (&self.comm, self.config.policy.reduce);
+                    metered(comm, &mut self.model_bytes, || {
+                        all_reduce_grads(comm, reduce, s.master.grads_mut())
+                    })?;
                 }
             }
-            Stage::One | Stage::Two => {
+            GradSync::ReduceScatterAtStepEnd | GradSync::ReduceScatterAfterLastMicroBatch => {
                 let accum = match &mut s.accum {
                     Some(a) => a,
                     None => {
@@ -653,11 +581,11 @@ impl<U: Units> Engine<U> {
                 };
                 add_into(accum, &s.layout, &unit_grads)?;
                 drop(unit_grads);
-                if last && self.config.stage == Stage::Two {
+                if last && self.plan.grad_sync == GradSync::ReduceScatterAfterLastMicroBatch {
                     self.reduce_scatter_unit(unit)?;
                 }
             }
-            Stage::Three => {
+            GradSync::ReduceScatterEachMicroBatch => {
                 // Every micro-batch's unit gradient is reduce-scattered at once and added to
                 // the owned shard: no full-size gradient outlives the unit's backward.
                 if s.layout.padded == 0 {
@@ -669,10 +597,10 @@ impl<U: Units> Engine<U> {
                 let mut full = vec![0.0; s.layout.padded];
                 add_into(&mut full, &s.layout, &unit_grads)?;
                 drop(unit_grads);
-                let before = self.comm.traffic().total().bytes_sent;
-                let reduce = self.config.policy.reduce;
-                reduce_scatter_grads(&self.comm, reduce, &full, s.master.grads_mut(), true)?;
-                self.model_bytes += self.comm.traffic().total().bytes_sent - before;
+                let (comm, reduce) = (&self.comm, self.config.policy.reduce);
+                metered(comm, &mut self.model_bytes, || {
+                    reduce_scatter_grads(comm, reduce, &full, s.master.grads_mut(), true)
+                })?;
                 drop(full);
                 self.grad_live -= bytes;
             }
@@ -686,10 +614,10 @@ impl<U: Units> Engine<U> {
         let Some(accum) = s.accum.take() else {
             return Ok(());
         };
-        let before = self.comm.traffic().total().bytes_sent;
-        let reduce = self.config.policy.reduce;
-        reduce_scatter_grads(&self.comm, reduce, &accum, s.master.grads_mut(), false)?;
-        self.model_bytes += self.comm.traffic().total().bytes_sent - before;
+        let (comm, reduce) = (&self.comm, self.config.policy.reduce);
+        metered(comm, &mut self.model_bytes, || {
+            reduce_scatter_grads(comm, reduce, &accum, s.master.grads_mut(), false)
+        })?;
         self.grad_live -= (accum.len() * std::mem::size_of::<f32>()) as u64;
         Ok(())
     }
@@ -716,7 +644,7 @@ impl<U: Units> Engine<U> {
                 let mut sq = [local as f32];
                 // Sharded gradients: every rank's part is in the sum, its non-finite ones too.
                 // Whole gradients are the same on every rank after their reduction.
-                if self.config.stage.shards_optimizer() {
+                if self.plan.shard_optimizer {
                     self.comm.all_reduce(&mut sq, ReduceOp::Sum)?;
                 }
                 if sq[0].is_finite() {
@@ -747,7 +675,7 @@ impl<U: Units> Engine<U> {
     /// under stage 3, the whole compute model otherwise (straight from the full master under
     /// DDP, by an all-gather of the shards under stages 1-2).
     fn refresh_params(&mut self) -> Result<()> {
-        if self.config.stage.shards_params() {
+        if self.plan.shard_params {
             return Ok(());
         }
         let dtype = self.config.policy.compute;
@@ -756,11 +684,10 @@ impl<U: Units> Engine<U> {
             if s.layout.flat.entries().is_empty() {
                 continue;
             }
-            let values = if self.config.stage.shards_optimizer() {
-                let before = self.comm.traffic().total().bytes_sent;
-                let v = gather(&self.comm, s, dtype)?;
-                self.model_bytes += self.comm.traffic().total().bytes_sent - before;
-                v
+            let values = if self.plan.shard_optimizer {
+                metered(&self.comm, &mut self.model_bytes, || {
+                    gather(&self.comm, s, dtype)
+                })?
             } else {
                 s.layout
                     .flat
@@ -792,6 +719,23 @@ fn param_groups(group: ParamGroup) -> Vec<ParamGroup> {
     let mut groups = vec![group; 2];
     groups[NO_DECAY].weight_decay = 0.0;
     groups
+}
+
+/// Runs the collectives of `f` and adds the bytes this rank sent in them to `counter` (the
+/// step's model traffic, [`StepReport::model_bytes_sent`]).
+fn metered<T>(comm: &Communicator, counter: &mut u64, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let sent = || comm.traffic().total().bytes_sent;
+    let before = sent();
+    let out = f()?;
+    *counter += sent() - before;
+    Ok(out)
+}
+
+/// Stage 3: the unit's shard of its frozen parameters.
+fn frozen_shard(s: &UnitState) -> Result<&ShardBuf> {
+    s.frozen_shard
+        .as_ref()
+        .ok_or_else(|| ZeroError::Model("a sharded unit without its frozen shard".into()))
 }
 
 /// All-gathers a unit's master shard in the compute dtype and cuts it into parameters.

@@ -1,6 +1,6 @@
 //! Per-rank model-state memory of each stage, from the formula (DESIGN.md, ZeRO).
 
-use crate::engine::Stage;
+use crate::plan::Stage;
 
 /// Per-rank model-state bytes.
 #[derive(Debug, Clone, Copy, PartialEq)]

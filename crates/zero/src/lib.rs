@@ -54,6 +54,7 @@ mod estimate;
 mod layout;
 #[cfg(feature = "llama")]
 pub mod llama;
+mod plan;
 mod shard;
 mod units;
 
@@ -61,13 +62,14 @@ pub use checkpoint::{
     CheckpointReader, Manifest, latest_checkpoint, manifest_text, read_full_checkpoint,
     read_manifest,
 };
-pub use engine::{Engine, MemoryReport, Stage, StepReport, ZeroConfig};
+pub use engine::{Engine, MemoryReport, StepReport};
 pub use error::{Result, ZeroError};
 pub use estimate::{
     ActivationShape, Estimate, activation_bytes, estimate, estimate_table, estimate_table_with,
     gathered_bytes,
 };
 pub use layout::{DECAY, NO_DECAY, UnitLayout, group_of};
+pub use plan::{GradSync, Plan, Stage, ZeroConfig};
 pub use units::{
     Units, load_params, named_grads, named_params, named_params_where, release_params,
 };
