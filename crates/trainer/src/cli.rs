@@ -12,7 +12,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// kiln: train and fine-tune Llama models with mixed precision, ZeRO and LoRA.
 #[derive(Debug, Clone, PartialEq, Parser)]
@@ -64,7 +64,14 @@ pub struct TrainArgs {
     /// it), then fine-tunes it on subtraction with full fine-tuning and with LoRA (r = 8 on q, v)
     /// and prints the comparison table.
     #[arg(long, value_name = "NAME")]
-    pub recipe: Option<String>,
+    pub recipe: Option<Recipe>,
+}
+
+/// `kiln train --recipe`: the built-in recipes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Recipe {
+    /// Full fine-tuning next to LoRA on subtraction, from the default job.
+    LoraVsFull,
 }
 
 impl TrainArgs {

@@ -6,7 +6,7 @@ use burn::tensor::{DType, Device};
 use kiln_models::{GenerateConfig, Llama, LlamaConfig, causal_lm_loss_sum, generate};
 use kiln_zero::{ActivationShape, activation_bytes, estimate_table_with};
 
-use crate::cli::{EstimateArgs, EvalArgs, ExportArgs, GenerateArgs, TrainArgs};
+use crate::cli::{EstimateArgs, EvalArgs, ExportArgs, GenerateArgs, Recipe, TrainArgs};
 use crate::config::{Task, TrainConfig};
 use crate::data::{Dataset, Tokenizer, collate};
 use crate::train::{
@@ -18,14 +18,9 @@ use crate::{Result, TrainerError, say};
 /// `kiln train`.
 pub fn run_train(args: &TrainArgs) -> Result<TrainSummary> {
     let config = TrainConfig::load(args.config.config.as_deref(), &args.overrides())?;
-    match args.recipe.as_deref() {
+    match args.recipe {
         None => {}
-        Some("lora-vs-full") => return run_lora_vs_full(&config).map(|(s, _)| s),
-        Some(other) => {
-            return Err(TrainerError::Argument(format!(
-                "--recipe {other}: unknown (known: lora-vs-full)"
-            )));
-        }
+        Some(Recipe::LoraVsFull) => return run_lora_vs_full(&config).map(|(s, _)| s),
     }
     let resume = match &args.resume {
         None => Resume::No,

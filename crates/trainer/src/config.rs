@@ -29,9 +29,12 @@
 use std::path::{Path, PathBuf};
 
 use kiln_models::LlamaConfig;
+use kiln_zero::Stage;
 use serde::{Deserialize, Serialize};
 
+pub use crate::data::config::{DataConfig, Task, TokenizerSpec};
 use crate::error::{Result, TrainerError};
+use crate::fits::check_fits;
 
 /// Names of the built-in model presets ([`preset_config`]).
 pub const PRESETS: &[&str] = &["tiny-addition"];
@@ -73,94 +76,6 @@ impl Default for ModelConfig {
     }
 }
 
-/// `data.task`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Task {
-    /// Synthetic `a+b=` examples ([`crate::data::AdditionTask`]); `data.paths` is not used.
-    #[default]
-    Addition,
-    /// Plain text files, concatenated and packed into rows of `seq_len`.
-    Text,
-    /// JSON Lines of `prompt`/`response`, `prompt`/`completion` or `messages` records, the
-    /// shape recognised per line ([`crate::jsonl`]); the loss is on the response or the
-    /// assistant turns only.
-    Jsonl,
-}
-
-/// `data.tokenizer`: `"auto"` (the default), `"byte"`, or the path of a Hugging Face
-/// `tokenizer.json` (or of the folder holding it).
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(from = "String", into = "String")]
-pub enum TokenizerSpec {
-    /// The `tokenizer.json` of `model.pretrained` when it has one, else the byte tokenizer.
-    #[default]
-    Auto,
-    /// Bytes 0..=255 plus BOS/EOS/PAD (vocabulary 259), see [`crate::data::Tokenizer`].
-    Byte,
-    /// A Hugging Face `tokenizer.json`.
-    File(PathBuf),
-}
-
-impl From<String> for TokenizerSpec {
-    fn from(s: String) -> Self {
-        match s.as_str() {
-            "auto" => TokenizerSpec::Auto,
-            "byte" => TokenizerSpec::Byte,
-            _ => TokenizerSpec::File(s.into()),
-        }
-    }
-}
-
-impl From<TokenizerSpec> for String {
-    fn from(t: TokenizerSpec) -> Self {
-        match t {
-            TokenizerSpec::Auto => "auto".into(),
-            TokenizerSpec::Byte => "byte".into(),
-            TokenizerSpec::File(p) => p.to_string_lossy().into_owned(),
-        }
-    }
-}
-
-/// `[data]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DataConfig {
-    pub task: Task,
-    /// Input files for `text` and `jsonl`.
-    pub paths: Vec<PathBuf>,
-    /// Tokens per row (default 32, at least 8).
-    pub seq_len: usize,
-    pub tokenizer: TokenizerSpec,
-    /// A Jinja chat template file for `messages` records, instead of the tokenizer's own
-    /// (`chat_template.jinja` or `tokenizer_config.json`'s `chat_template`).
-    pub chat_template: Option<PathBuf>,
-    /// `jsonl`: several examples per row ([`crate::packing`]) instead of one padded example.
-    pub packing: bool,
-    /// Operand digits for `addition` (default 2, 1..=9).
-    pub digits: u32,
-    /// `add` (default) or `sub` for the `addition` task.
-    pub operation: crate::data::Operation,
-    /// Held-out examples for evaluation (default 200).
-    pub eval_examples: usize,
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        Self {
-            task: Task::Addition,
-            paths: Vec::new(),
-            seq_len: 32,
-            tokenizer: TokenizerSpec::Auto,
-            chat_template: None,
-            packing: false,
-            digits: 2,
-            operation: crate::data::Operation::Add,
-            eval_examples: 200,
-        }
-    }
-}
-
 /// `precision.compute`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -198,8 +113,9 @@ pub struct PrecisionConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ZeroConfig {
-    /// 0, 1, 2 or 3 (default 3).
-    pub stage: u8,
+    /// 0, 1, 2 or 3 in TOML (default 3).
+    #[serde(with = "stage_number")]
+    pub stage: Stage,
     /// Activation recompute: re-run each unit's forward in its backward instead of keeping its
     /// activations (a third more FLOPs, far less memory). Unset: on at stage 3 only.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -209,7 +125,7 @@ pub struct ZeroConfig {
 impl Default for ZeroConfig {
     fn default() -> Self {
         Self {
-            stage: 3,
+            stage: Stage::Three,
             recompute: None,
         }
     }
@@ -225,6 +141,17 @@ pub enum DistBackend {
     Threads,
     Mpi,
     Nccl,
+}
+
+impl std::fmt::Display for DistBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DistBackend::Auto => "auto",
+            DistBackend::Threads => "threads",
+            DistBackend::Mpi => "mpi",
+            DistBackend::Nccl => "nccl",
+        })
+    }
 }
 
 /// `[dist]`.
@@ -310,6 +237,36 @@ impl Default for OptimConfig {
             min_lr_ratio: 0.1,
             max_grad_norm: Some(1.0),
         }
+    }
+}
+
+/// `zero.stage` in TOML: the integers 0 (DDP) to 3 (FSDP), read straight into [`Stage`].
+mod stage_number {
+    use kiln_zero::Stage;
+    use serde::de::Error;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(stage: &Stage, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u8(match stage {
+            Stage::Ddp => 0,
+            Stage::One => 1,
+            Stage::Two => 2,
+            Stage::Three => 3,
+        })
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Stage, D::Error> {
+        Ok(match i64::deserialize(d)? {
+            0 => Stage::Ddp,
+            1 => Stage::One,
+            2 => Stage::Two,
+            3 => Stage::Three,
+            n => {
+                return Err(D::Error::custom(format!(
+                    "{n} must be 0, 1, 2 or 3 (0 = DDP, 3 = FSDP)"
+                )));
+            }
+        })
     }
 }
 
@@ -475,61 +432,8 @@ impl TrainConfig {
         }
 
         let d = &self.data;
-        if d.seq_len < 8 {
-            return bad("data.seq_len", format!("{} must be at least 8", d.seq_len));
-        }
-        match d.task {
-            Task::Addition => {
-                if d.packing {
-                    return bad(
-                        "data.packing",
-                        "applies to task jsonl (addition rows are one example each)".into(),
-                    );
-                }
-                if !(1..=9).contains(&d.digits) {
-                    return bad("data.digits", format!("{} must be in 1..=9", d.digits));
-                }
-                // BOS, d digits, '+', d digits, '=', d + 1 digits, EOS.
-                let need = 3 * d.digits as usize + 5;
-                if d.seq_len < need {
-                    return bad(
-                        "data.seq_len",
-                        format!(
-                            "{} is too short for {}-digit addition (needs {need})",
-                            d.seq_len, d.digits
-                        ),
-                    );
-                }
-            }
-            Task::Text | Task::Jsonl => {
-                if d.packing && d.task == Task::Text {
-                    return bad(
-                        "data.packing",
-                        "applies to task jsonl (text is always packed as one stream)".into(),
-                    );
-                }
-                if d.paths.is_empty() {
-                    return bad(
-                        "data.paths",
-                        format!(
-                            "task {} needs at least one file",
-                            if d.task == Task::Text {
-                                "text"
-                            } else {
-                                "jsonl"
-                            }
-                        ),
-                    );
-                }
-            }
-        }
+        d.validate()?;
 
-        if self.zero.stage > 3 {
-            return bad(
-                "zero.stage",
-                format!("{} must be 0, 1, 2 or 3", self.zero.stage),
-            );
-        }
         if self.dist.world_size < 1 {
             return bad("dist.world_size", "must be at least 1".into());
         }
@@ -654,43 +558,6 @@ impl TrainConfig {
     }
 }
 
-/// This machine's physical memory in bytes (Linux `/proc/meminfo` `MemTotal`); 1 PiB where it
-/// cannot be read, so that only absurd sizes are refused there.
-pub fn machine_memory() -> f64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-            let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-            Some(kb * 1024.0)
-        })
-        .unwrap_or(2f64.powi(50))
-}
-
-/// Errors, naming `field`, when `bytes` of `what` cannot fit in this machine's memory: checked
-/// before allocating, so a typo (`1000000000000`) is an error instead of an allocation abort.
-pub fn check_fits(field: &str, what: &str, bytes: f64) -> Result<()> {
-    let memory = machine_memory();
-    if bytes.is_finite() && bytes <= memory {
-        return Ok(());
-    }
-    Err(TrainerError::invalid(
-        field,
-        format!(
-            "{what} need {}, more than this machine's memory ({})",
-            gigabytes(bytes),
-            gigabytes(memory)
-        ),
-    ))
-}
-
-fn gigabytes(bytes: f64) -> String {
-    match bytes {
-        b if !b.is_finite() || b >= 1e15 => format!("{:.2e} GB", b / 1e9),
-        b => format!("{:.1} GB", b / 1e9),
-    }
-}
-
 /// The message of a deserialization error with its dotted path (serde_path_to_error's path ends
 /// at an unknown key itself, so `unknown field optim.lrr` names the whole path).
 fn describe(path: &str, inner: &dyn std::fmt::Display) -> String {
@@ -812,7 +679,7 @@ mod tests {
             TrainConfig::default()
         );
         assert_eq!(c.accumulation_steps().unwrap(), 1);
-        assert_eq!(c.zero.stage, 3);
+        assert_eq!(c.zero.stage, Stage::Three);
         assert_eq!(c.precision.compute, ComputeDtype::Bf16);
         assert_eq!(c.optim.max_grad_norm, Some(1.0));
     }
@@ -924,7 +791,6 @@ mod tests {
             ("data.seq_len=4", "data.seq_len"),
             ("data.seq_len=10", "data.seq_len"),
             ("data.digits=0", "data.digits"),
-            ("zero.stage=4", "zero.stage"),
             ("dist.world_size=0", "dist.world_size"),
             ("dist.world_size=3", "train.global_batch"),
             ("train.micro_batch=0", "train.micro_batch"),
@@ -939,6 +805,10 @@ mod tests {
                 .to_string();
             assert!(e.contains(&format!("config field {field}")), "{arg}: {e}");
         }
+        let e = TrainConfig::load(None, &set(&["zero.stage=4"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("zero.stage: 4 must be 0, 1, 2 or 3"), "{e}");
         let e = TrainConfig::load(None, &set(&["lora.enabled=true", "lora.r=0"]))
             .unwrap_err()
             .to_string();

@@ -8,8 +8,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::chat::ChatTemplate;
-use crate::config::TokenizerSpec;
+use super::chat::ChatTemplate;
+use super::config::TokenizerSpec;
 use crate::error::{Result, TrainerError};
 
 /// Vocabulary of [`Tokenizer::Byte`]: 256 bytes and BOS, EOS, PAD.

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 
-use crate::data::{Example, IGNORE_INDEX};
+use super::example::{Example, IGNORE_INDEX};
 
 /// Packs unpadded examples (each at most `seq_len` long) into rows of `seq_len`, padded with
 /// `pad`. Empty examples are dropped.

@@ -7,7 +7,7 @@
 //! | `{"messages": [{"role": ..., "content": ...}, ...]}` (TRL conversational) | the chat template's render | the assistant turns |
 //! | `{"prompt": [messages], "completion": [messages]}` (TRL conversational prompt-completion) | the render of both | the completion's assistant turns |
 //!
-//! Conversations are rendered with the model's chat template ([`crate::chat`]; a record's
+//! Conversations are rendered with the model's chat template ([`super::chat`]; a record's
 //! `tools` are passed to it) and tokenized as one text; a token is learned when it starts inside
 //! an assistant turn. The template writes its own special tokens (BOS, end of turn), so kiln
 //! adds none. Other fields are ignored and blank lines skipped. Errors name `file:line`:
@@ -19,12 +19,14 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::chat::{ChatTemplate, SpecialTokens};
-use crate::data::{Example, IGNORE_INDEX, Tokenizer};
+use super::chat::{ChatTemplate, SpecialTokens};
+use super::example::{Example, IGNORE_INDEX};
+use super::text::read_data;
+use super::tokenizer::Tokenizer;
 use crate::error::{Result, TrainerError};
 
 /// The records of JSON Lines files, tokenized and cut at `seq_len`, not padded (see
-/// [`JsonlData::padded`] and [`crate::packing::pack`]).
+/// [`JsonlData::padded`] and [`super::packing::pack`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JsonlData {
     /// One example per record, in file order.
@@ -56,7 +58,7 @@ pub fn load_jsonl(
     let mut examples = Vec::new();
     let mut truncated = 0;
     for path in paths {
-        let text = crate::data::read_data(path)?;
+        let text = read_data(path)?;
         let before = examples.len();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
@@ -280,9 +282,9 @@ pub fn chat_template_for(
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_files::{temp_dir, write};
+    use super::super::tokenizer::{BYTE_BOS, BYTE_EOS, BYTE_PAD};
     use super::*;
-    use crate::data::tests::{temp_dir, write};
-    use crate::data::{BYTE_BOS, BYTE_EOS, BYTE_PAD};
 
     #[test]
     fn prompt_response_and_completion_mask_the_prompt() {
