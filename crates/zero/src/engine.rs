@@ -330,21 +330,15 @@ impl<U: Units> Engine<U> {
         let (mut loss_sum, mut tokens) = (0.0f64, 0i64);
         for i in 0..most[0] as usize {
             let batch = if i < count { Some(batch(i)?) } else { None };
-            let mut h = None;
-            for u in 0..n {
-                self.fetch(u)?;
-                if let Some(b) = &batch {
-                    let model = self.units.detached();
-                    if u == n - 1 {
-                        let input = h.take().expect("the loss unit follows a hidden state");
-                        loss_sum += f64::from(scalar(model.loss_sum(input, b))?);
-                        tokens += model.tokens(b) as i64;
-                    } else {
-                        h = Some(model.forward(u, h.take(), b));
-                    }
-                }
-                self.release(u)?;
+            let (h, _) = self.forward_units(batch.as_ref(), false)?;
+            self.fetch(n - 1)?;
+            if let Some(b) = &batch {
+                let model = self.units.detached();
+                let input = h.expect("the loss unit follows a hidden state");
+                loss_sum += f64::from(scalar(model.loss_sum(input, b))?);
+                tokens += model.tokens(b) as i64;
             }
+            self.release(n - 1)?;
         }
         let mut sum = [loss_sum as f32];
         let mut count = [tokens];
@@ -424,28 +418,10 @@ impl<U: Units> Engine<U> {
     fn forward_backward(&mut self, batch: &U::Batch, factor: f32, last: bool) -> Result<f32> {
         let n = self.units.num_units();
         let recompute = self.plan.recompute;
-        // Per middle unit: its input (a leaf), and without recompute its output's graph.
-        let mut kept: Vec<(Tensor<3>, Option<Tensor<3>>)> = Vec::with_capacity(n - 2);
-        self.fetch(0)?;
-        let out = self.units.forward(0, None, batch);
-        let mut h = out.clone().detach();
-        let mut first = (!recompute).then_some(out);
-        if recompute {
-            self.release(0)?;
-        }
-        for u in 1..n - 1 {
-            let input = h.require_grad();
-            self.fetch(u)?;
-            let out = self.units.forward(u, Some(input.clone()), batch);
-            h = out.clone().detach();
-            if recompute {
-                kept.push((input.detach(), None));
-                self.release(u)?;
-            } else {
-                kept.push((input, Some(out)));
-            }
-        }
-        let h_in = h.require_grad();
+        let (h, mut kept) = self.forward_units(Some(batch), true)?;
+        let h_in = h
+            .expect("a forward with a batch ends in a hidden state")
+            .require_grad();
         self.fetch(n - 1)?;
         let loss = self.units.loss_sum(h_in.clone(), batch);
         let loss_value = scalar(loss.clone())?;
@@ -456,22 +432,17 @@ impl<U: Units> Engine<U> {
         self.release(n - 1)?;
         self.unit_done(n - 1, unit_grads, last)?;
         for u in (0..n - 1).rev() {
+            let (input, out) = kept.pop().expect("one kept input per unit before the loss");
             if u == 0 && self.state[0].layout.flat.entries().is_empty() {
                 // A frozen first unit (the embedding under LoRA) needs no backward at all.
-                drop(first.take());
+                drop(out);
                 if !recompute {
                     self.release(0)?;
                 }
                 self.unit_done(0, Vec::new(), last)?;
                 break;
             }
-            let (input, out) = match u {
-                0 => (None, first.take()),
-                _ => {
-                    let (input, out) = kept.pop().expect("one kept input per middle unit");
-                    (Some(input.require_grad()), out)
-                }
-            };
+            let input = input.map(Tensor::require_grad);
             let out = match out {
                 Some(out) => out,
                 None => {
@@ -489,6 +460,46 @@ impl<U: Units> Engine<U> {
             self.unit_done(u, unit_grads, last)?;
         }
         Ok(loss_value)
+    }
+
+    /// Units `0..n-1` forward (all but the loss unit), each gathered just before it runs under
+    /// stage 3, on `batch` (a rank without one still joins the gathers). Returns the last hidden
+    /// state, detached, and with `train`, per unit its input (a leaf; `None` for unit 0) and,
+    /// without recompute, its output's autodiff graph (the unit then stays gathered until its
+    /// backward). Without `train` the units run without gradient tracking.
+    #[allow(clippy::type_complexity)]
+    fn forward_units(
+        &mut self,
+        batch: Option<&U::Batch>,
+        train: bool,
+    ) -> Result<(
+        Option<Tensor<3>>,
+        Vec<(Option<Tensor<3>>, Option<Tensor<3>>)>,
+    )> {
+        let n = self.units.num_units();
+        let recompute = self.plan.recompute;
+        let mut kept = Vec::with_capacity(if train { n - 1 } else { 0 });
+        let mut h: Option<Tensor<3>> = None;
+        for u in 0..n - 1 {
+            self.fetch(u)?;
+            match batch {
+                Some(b) if train => {
+                    let input = h.take().map(Tensor::require_grad);
+                    let out = self.units.forward(u, input.clone(), b);
+                    h = Some(out.clone().detach());
+                    kept.push(match recompute {
+                        true => (input.map(Tensor::detach), None),
+                        false => (input, Some(out)),
+                    });
+                }
+                Some(b) => h = Some(self.units.detached().forward(u, h.take(), b)),
+                None => {}
+            }
+            if !train || recompute {
+                self.release(u)?;
+            }
+        }
+        Ok((h, kept))
     }
 
     /// Stage 3: all-gathers `unit`'s parameters (trainable and frozen) into the model.
