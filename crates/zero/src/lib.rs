@@ -54,8 +54,10 @@ mod estimate;
 mod layout;
 #[cfg(feature = "llama")]
 pub mod llama;
+mod pass;
 mod plan;
 mod shard;
+mod sync;
 mod units;
 
 pub use checkpoint::{
