@@ -6,7 +6,7 @@ use crate::cache::KvCache;
 use crate::config::LlamaConfig;
 use crate::error::{ModelError, Result};
 use crate::llama::Llama;
-use crate::source::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// How [`generate`] picks tokens.
 #[derive(Debug, Clone, PartialEq)]

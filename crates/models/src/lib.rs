@@ -14,6 +14,7 @@ pub mod generate;
 pub mod layers;
 pub mod llama;
 pub mod loss;
+pub mod rng;
 pub mod source;
 pub mod weights;
 
@@ -28,7 +29,8 @@ pub use generate::{GenerateConfig, generate};
 pub use layers::{AdapterDropout, Linear};
 pub use llama::{Context, DecoderLayer, Llama, UnitId, unit_of};
 pub use loss::{IGNORE_INDEX, causal_lm_loss, causal_lm_loss_sum};
-pub use source::{ParamSource, RandomInit, SplitMix64, TensorMap};
+pub use rng::SplitMix64;
+pub use source::{Init, ParamSource, RandomInit, TensorMap};
 pub use weights::{
     CONFIG_CAP, SafetensorsSource, first_non_finite, named_tensors, open_regular, read_text_capped,
     save_safetensors, write_safetensors,

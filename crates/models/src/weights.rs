@@ -9,7 +9,7 @@ use burn::tensor::{DType, Device, Tensor, TensorData};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{ModelError, Result};
-use crate::layers::Init;
+use crate::source::Init;
 use crate::source::ParamSource;
 
 /// Reads a text file of at most `cap` bytes. A device, a pipe that never ends (`/dev/zero`) or
