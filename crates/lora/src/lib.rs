@@ -51,12 +51,15 @@
 //!
 //! [`Reparameterizer`]: burn::module::Reparameterizer
 
+mod adapter;
 pub mod config;
 pub mod error;
+mod mappers;
 pub mod model;
 pub mod peft;
 
+pub use adapter::WeightInfo;
 pub use config::{LoraConfig, LoraInit, TargetModules};
 pub use error::{LoraError, Result};
-pub use model::{LoraModel, TrainableParams, WeightInfo, burn_factor_path};
+pub use model::{LoraModel, TrainableParams, burn_factor_path};
 pub use peft::{Factor, PeftAdapter, parse_key, peft_key};

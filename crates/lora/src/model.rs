@@ -3,56 +3,15 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use burn::module::{
-    LoraAdapter, Module, ModuleMapper, ModuleVisitor, Param, ParamId, Reparameterization,
-    Reparameterizer,
-};
-use burn::tensor::{DType, Device, Gradients, Tensor, TensorData};
+use burn::module::{Module, ParamId};
+use burn::tensor::{Gradients, Tensor, TensorData};
+use kiln_models::rng::{SplitMix64, fnv1a};
 
+use crate::adapter::{Adapter, Layer, WeightInfo, burn_to_peft, tensor};
 use crate::config::{LoraConfig, LoraInit};
 use crate::error::{LoraError, Result};
+use crate::mappers::{AddDelta, Attach, Count, Discover, Factors, Freeze};
 use crate::peft::{Factor, PeftAdapter, peft_key};
-
-/// A 2-D float parameter named `weight`: what an adapter can attach to.
-#[derive(Debug, Clone)]
-pub struct WeightInfo {
-    /// As stored: `[out, in]` for HF linear layers.
-    pub shape: [usize; 2],
-    pub dtype: DType,
-    pub device: Device,
-    /// burn's name of the owning module type, e.g. `Struct:Linear`.
-    pub container: String,
-}
-
-impl WeightInfo {
-    fn is_linear(&self) -> bool {
-        self.container.ends_with("Linear")
-    }
-
-    /// `(out_features, in_features)` under the adapter's layout.
-    fn out_in(&self, fan_in_fan_out: bool) -> (usize, usize) {
-        match fan_in_fan_out {
-            false => (self.shape[0], self.shape[1]),
-            true => (self.shape[1], self.shape[0]),
-        }
-    }
-}
-
-/// One module's factors, in PEFT orientation: `a` is `lora_A` `[r, in]`, `b` is `lora_B` `[out, r]`.
-/// The ids stay with the adapter across switches, so optimizer state keyed by them survives.
-#[derive(Debug, Clone)]
-struct Layer {
-    a: Tensor<2>,
-    b: Tensor<2>,
-    a_id: ParamId,
-    b_id: ParamId,
-}
-
-#[derive(Debug, Clone)]
-struct Adapter {
-    config: LoraConfig,
-    layers: BTreeMap<String, Layer>,
-}
 
 /// PEFT's `print_trainable_parameters`: trainable / all, where all counts base and adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,13 +149,13 @@ impl<M: Module> LoraModel<M> {
                 LoraInit::Kaiming => {
                     let bound = 1.0 / (inp as f64).sqrt();
                     (0..config.r * inp)
-                        .map(|_| ((2.0 * rng.uniform() - 1.0) * bound) as f32)
+                        .map(|_| ((2.0 * rng.uniform_midpoint() - 1.0) * bound) as f32)
                         .collect()
                 }
                 LoraInit::Gaussian => {
                     let std = 1.0 / config.r as f64;
                     (0..config.r * inp)
-                        .map(|_| (rng.normal() * std) as f32)
+                        .map(|_| (rng.normal_midpoint() * std) as f32)
                         .collect()
                 }
             };
@@ -533,289 +492,6 @@ impl<M: Module> LoraModel<M> {
             scaling: adapter.config.scaling(),
             fan_in_fan_out: adapter.config.fan_in_fan_out,
         })
-    }
-}
-
-impl Layer {
-    fn new(a: Tensor<2>, b: Tensor<2>) -> Self {
-        Self {
-            a,
-            b,
-            a_id: ParamId::new(),
-            b_id: ParamId::new(),
-        }
-    }
-}
-
-fn tensor(data: TensorData, info: &WeightInfo) -> Tensor<2> {
-    Tensor::from_data(data.convert_dtype(info.dtype), (&info.device, info.dtype))
-}
-
-/// burn's `LoraAdapter` composes `base + scale · (a @ b)`. With HF `[out, in]` weights that is
-/// `a = B`, `b = A`; with `fan_in_fan_out` (`[in, out]`) it is `a = Aᵀ`, `b = Bᵀ`.
-fn peft_to_burn(
-    layer: &Layer,
-    fan_in_fan_out: bool,
-) -> ((Tensor<2>, ParamId), (Tensor<2>, ParamId)) {
-    match fan_in_fan_out {
-        false => ((layer.b.clone(), layer.b_id), (layer.a.clone(), layer.a_id)),
-        true => (
-            (layer.a.clone().transpose(), layer.a_id),
-            (layer.b.clone().transpose(), layer.b_id),
-        ),
-    }
-}
-
-/// Inverse of [`peft_to_burn`] on values: `(burn a, burn b)` -> `(A, B)`.
-fn burn_to_peft(a: Tensor<2>, b: Tensor<2>, fan_in_fan_out: bool) -> (Tensor<2>, Tensor<2>) {
-    match fan_in_fan_out {
-        false => (b, a),
-        true => (a.transpose(), b.transpose()),
-    }
-}
-
-/// Attaches one adapter's factors to the weights they target.
-struct Attach<'a> {
-    layers: &'a BTreeMap<String, Layer>,
-    scaling: f64,
-    fan_in_fan_out: bool,
-}
-
-impl Reparameterizer for Attach<'_> {
-    type Reparam = LoraAdapter;
-
-    fn reparameterize<const D: usize>(
-        &mut self,
-        path: &str,
-        param: Param<Tensor<D>>,
-    ) -> (Param<Tensor<D>>, Option<LoraAdapter>) {
-        let layer = path
-            .strip_suffix(".weight")
-            .and_then(|m| self.layers.get(m));
-        let (Some(layer), 2) = (layer, D) else {
-            return (param, None);
-        };
-        let ((a, a_id), (b, b_id)) = peft_to_burn(layer, self.fan_in_fan_out);
-        let factor = |t: Tensor<2>, id: ParamId| {
-            let mut p = Param::from_tensor(t.detach());
-            p.id = id;
-            p
-        };
-        let adapter = LoraAdapter {
-            a: factor(a, a_id),
-            b: factor(b, b_id),
-            scale: self.scaling,
-        };
-        (param, Some(adapter))
-    }
-}
-
-/// `W += sign · scaling · B A` (transposed under `fan_in_fan_out`), computed in f32.
-struct AddDelta<'a> {
-    path: Vec<String>,
-    adapter: &'a Adapter,
-    sign: f64,
-}
-
-impl<'a> AddDelta<'a> {
-    fn new(adapter: &'a Adapter, sign: f64) -> Self {
-        Self {
-            path: vec![],
-            adapter,
-            sign,
-        }
-    }
-}
-
-impl ModuleMapper for AddDelta<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.into());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let path = self.path.join(".");
-        let layer = path
-            .strip_suffix(".weight")
-            .and_then(|m| self.adapter.layers.get(m));
-        let (Some(layer), 2) = (layer, D) else {
-            return param;
-        };
-        let config = &self.adapter.config;
-        let factor = self.sign * config.scaling();
-        let fifo = config.fan_in_fan_out;
-        param.map(|w| {
-            let (dtype, dims) = (w.dtype(), w.dims());
-            let delta = layer
-                .b
-                .clone()
-                .cast(DType::F32)
-                .matmul(layer.a.clone().cast(DType::F32))
-                * factor;
-            let delta = if fifo { delta.transpose() } else { delta };
-            let merged = w.cast(DType::F32).reshape([dims[0], dims[1]]) + delta;
-            merged.cast(dtype).reshape(dims).detach()
-        })
-    }
-}
-
-/// Sets every float parameter to need no gradient.
-struct Freeze;
-
-impl ModuleMapper for Freeze {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        param.set_require_grad(false)
-    }
-}
-
-/// Finds every 2-D `weight` with its module path and owning module type.
-#[derive(Default)]
-struct Discover {
-    path: Vec<String>,
-    containers: Vec<String>,
-    out: BTreeMap<String, WeightInfo>,
-}
-
-impl ModuleVisitor for Discover {
-    fn enter_module(&mut self, name: &str, container_type: &str) {
-        self.path.push(name.into());
-        self.containers.push(container_type.into());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-        self.containers.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let Some((last, parent)) = self.path.split_last() else {
-            return;
-        };
-        if D != 2 || last != "weight" || self.containers.iter().any(|c| c == "Reparameterization") {
-            return;
-        }
-        let value = param.base();
-        let dims = value.dims();
-        let info = WeightInfo {
-            shape: [dims[0], dims[1]],
-            dtype: value.dtype(),
-            device: value.device(),
-            container: self.containers.last().cloned().unwrap_or_default(),
-        };
-        self.out.insert(parent.join("."), info);
-    }
-}
-
-/// The factor parameters attached by `LoraAdapter` (paths `<module>.weight.lora.{a,b}`): their
-/// values, or their gradients when given `Gradients`.
-struct Factors<'g> {
-    path: Vec<String>,
-    grads: Option<&'g Gradients>,
-    out: BTreeMap<String, [Option<(Tensor<2>, ParamId)>; 2]>,
-}
-
-type BurnPair = ((Tensor<2>, ParamId), (Tensor<2>, ParamId));
-
-impl<'g> Factors<'g> {
-    fn new(grads: Option<&'g Gradients>) -> Self {
-        Self {
-            path: vec![],
-            grads,
-            out: BTreeMap::new(),
-        }
-    }
-
-    fn pairs(self) -> BTreeMap<String, BurnPair> {
-        self.out
-            .into_iter()
-            .filter_map(|(m, [a, b])| Some((m, (a?, b?))))
-            .collect()
-    }
-}
-
-impl ModuleVisitor for Factors<'_> {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.into());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let n = self.path.len();
-        if D != 2 || n < 3 || self.path[n - 2] != LoraAdapter::NAME || self.path[n - 3] != "weight"
-        {
-            return;
-        }
-        let index = match self.path[n - 1].as_str() {
-            "a" => 0,
-            "b" => 1,
-            _ => return,
-        };
-        let value = param.val();
-        let value = match self.grads {
-            None => value,
-            Some(grads) => match value.grad(grads) {
-                Some(g) => g,
-                None => return,
-            },
-        };
-        let dims = value.dims();
-        let module = self.path[..n - 3].join(".");
-        self.out.entry(module).or_default()[index] =
-            Some((value.reshape([dims[0], dims[1]]), param.id));
-    }
-}
-
-/// Parameter counts of a module: all, and those inside LoRA adapters.
-#[derive(Default)]
-struct Count {
-    path: Vec<String>,
-    all: usize,
-    adapter: usize,
-}
-
-impl ModuleVisitor for Count {
-    fn enter_module(&mut self, name: &str, _: &str) {
-        self.path.push(name.into());
-    }
-    fn exit_module(&mut self, _: &str, _: &str) {
-        self.path.pop();
-    }
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let n = param.lazy_shape().num_elements();
-        self.all += n;
-        if self.path.iter().any(|p| p == LoraAdapter::NAME) {
-            self.adapter += n;
-        }
-    }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// A small, portable PRNG: the same adapter init on every platform.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1).
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    /// Standard normal by Box-Muller.
-    fn normal(&mut self) -> f64 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 }
 

@@ -52,4 +52,15 @@ impl SplitMix64 {
         let (u1, u2) = (self.uniform(), self.uniform());
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
+
+    /// Uniform in (0, 1) at the midpoints of the 2^53 steps (kiln-lora's adapter init).
+    pub fn uniform_midpoint(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    /// Standard normal by Box-Muller over [`uniform_midpoint`](Self::uniform_midpoint).
+    pub fn normal_midpoint(&mut self) -> f64 {
+        let (u1, u2) = (self.uniform_midpoint(), self.uniform_midpoint());
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
 }

@@ -29,6 +29,7 @@
 mod adamw;
 mod error;
 mod flat;
+mod layout;
 mod master;
 mod module;
 mod scaler;
@@ -39,7 +40,8 @@ pub use flat::{
     bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16, has_non_finite, sum_of_squares,
     unscale_and_check,
 };
-pub use master::{FlatEntry, FlatLayout, MasterWeights, Shard, StepOutcome};
+pub use layout::{FlatEntry, FlatLayout, Shard};
+pub use master::{MasterWeights, StepOutcome};
 pub use module::{
     NamedParam, Policy, cast_module, collect_grads, collect_params, collect_params_where,
     master_weights_for, param_counts, param_paths, take_grads, write_back,
