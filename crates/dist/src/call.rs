@@ -240,6 +240,19 @@ pub fn rank_list(ranks: &[usize]) -> String {
     out.join(", ")
 }
 
+/// The call of a barrier with sequence number `seq`.
+pub(crate) fn barrier_call(seq: u64) -> Call {
+    Call {
+        seq,
+        op: Collective::Barrier,
+        dtype: None,
+        reduce: None,
+        len: 0,
+        part: 0,
+        root: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,18 +17,6 @@ pub(crate) enum Backend {
     Nccl(crate::nccl::NcclBackend),
 }
 
-pub(crate) fn barrier_call(seq: u64) -> Call {
-    Call {
-        seq,
-        op: Collective::Barrier,
-        dtype: None,
-        reduce: None,
-        len: 0,
-        part: 0,
-        root: 0,
-    }
-}
-
 /// A rank's endpoint in a world of `world_size()` ranks.
 ///
 /// Collectives follow NCCL's names and semantics and must be issued in the same order on every

@@ -35,6 +35,7 @@ mod local;
 mod shard;
 mod threads;
 pub mod traffic;
+mod world;
 
 #[cfg(feature = "mpi")]
 mod mpi;
@@ -48,7 +49,8 @@ pub use comm::Communicator;
 pub use element::{DType, Element, ReduceOp};
 pub use env::{Launcher, RankEnv};
 pub use error::{DistError, Result};
-pub use local::{DEFAULT_TIMEOUT, LocalWorld};
+pub use local::DEFAULT_TIMEOUT;
 pub use shard::{ShardInfo, shard_of, shard_size};
 pub use threads::{THREADS_VAR, threads_per_rank, with_threads};
 pub use traffic::{OpTraffic, Traffic};
+pub use world::LocalWorld;
