@@ -1,11 +1,12 @@
 //! Metrics: `metrics.jsonl` (one JSON object per line, flushed each line) and a one-line
-//! progress display on stderr.
+//! progress display on stderr (indicatif).
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, TrainerError};
@@ -209,24 +210,24 @@ pub struct ProgressStats {
     pub loss_scale: Option<f32>,
 }
 
-/// A one-line progress bar on stderr, redrawn with `\r` on a terminal; when stderr is not a
-/// terminal (a log file, CI), one plain line every `log_interval` steps and at the end.
+/// The progress bar on stderr: an indicatif bar on a terminal; when stderr is not a terminal
+/// (a log file, CI) the bar is hidden and a plain line is written every `log_interval` steps
+/// and at the end.
+#[derive(Debug)]
 pub struct Progress {
-    total: u64,
+    bar: ProgressBar,
+    /// Plain lines (stderr not a terminal).
+    lines: Option<Lines>,
     first_step: Option<u64>,
     start: Instant,
     log_interval: u64,
-    terminal: bool,
-    out: Box<dyn Write + Send>,
-    drawn: bool,
 }
 
-impl std::fmt::Debug for Progress {
+struct Lines(Box<dyn Write + Send>);
+
+impl std::fmt::Debug for Lines {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Progress")
-            .field("total", &self.total)
-            .field("terminal", &self.terminal)
-            .finish_non_exhaustive()
+        f.write_str("Lines")
     }
 }
 
@@ -235,25 +236,31 @@ const BAR_WIDTH: usize = 24;
 impl Progress {
     /// Progress to `total` steps on stderr.
     pub fn new(total: u64, log_interval: u64) -> Self {
-        let terminal = std::io::stderr().is_terminal();
-        Self::with_writer(total, log_interval, Box::new(std::io::stderr()), terminal)
+        let lines = (!std::io::stderr().is_terminal())
+            .then(|| Box::new(std::io::stderr()) as Box<dyn Write + Send>);
+        Self::with_target(total, log_interval, ProgressDrawTarget::stderr(), lines)
     }
 
-    /// Progress written to `out`, as on a terminal (`\r` redraws) or not.
-    pub fn with_writer(
+    /// Progress drawn on `target`, and written as plain lines to `lines` when given.
+    pub fn with_target(
         total: u64,
         log_interval: u64,
-        out: Box<dyn Write + Send>,
-        terminal: bool,
+        target: ProgressDrawTarget,
+        lines: Option<Box<dyn Write + Send>>,
     ) -> Self {
+        let width = total.to_string().len();
+        let style = ProgressStyle::with_template(&format!(
+            "{{pos:>{width}}}/{{len}} [{{bar:{BAR_WIDTH}}}] {{msg}}"
+        ))
+        .expect("a valid progress template")
+        .progress_chars("##-");
+        let bar = ProgressBar::with_draw_target(Some(total), target).with_style(style);
         Self {
-            total,
+            bar,
+            lines: lines.map(Lines),
             first_step: None,
             start: Instant::now(),
             log_interval: log_interval.max(1),
-            terminal,
-            out,
-            drawn: false,
         }
     }
 
@@ -262,46 +269,45 @@ impl Progress {
         // The rate counts from the first step seen, so a resumed run has a correct ETA.
         let first = *self.first_step.get_or_insert(stats.step.saturating_sub(1));
         let done = stats.step.saturating_sub(first);
-        let elapsed = self.start.elapsed();
-        let eta = if done > 0 {
-            let per_step = elapsed.as_secs_f64() / done as f64;
-            Some(Duration::from_secs_f64(
-                per_step * self.total.saturating_sub(stats.step) as f64,
-            ))
-        } else {
-            None
-        };
-        let line = format_line(stats, self.total, eta);
-        if self.terminal {
-            let _ = write!(self.out, "\r{line}\x1b[K");
-            self.drawn = true;
-        } else if stats.step.is_multiple_of(self.log_interval) || stats.step >= self.total {
-            let _ = writeln!(self.out, "{line}");
+        let total = self.bar.length().unwrap_or(0);
+        let eta = (done > 0).then(|| {
+            let per_step = self.start.elapsed().as_secs_f64() / done as f64;
+            Duration::from_secs_f64(per_step * total.saturating_sub(stats.step) as f64)
+        });
+        self.bar.set_message(format_fields(stats, eta));
+        self.bar.set_position(stats.step);
+        if let Some(Lines(out)) = self.lines.as_mut()
+            && (stats.step.is_multiple_of(self.log_interval) || stats.step >= total)
+        {
+            let _ = writeln!(out, "{}", format_line(stats, total, eta));
+            let _ = out.flush();
         }
-        let _ = self.out.flush();
     }
 
     /// Prints a message on its own line without breaking the bar (e.g. an eval result).
     pub fn println(&mut self, message: &str) {
-        if self.terminal && self.drawn {
-            let _ = write!(self.out, "\r\x1b[K");
-            self.drawn = false;
+        match self.lines.as_mut() {
+            Some(Lines(out)) => {
+                let _ = writeln!(out, "{message}");
+                let _ = out.flush();
+            }
+            None => self.bar.println(message),
         }
-        let _ = writeln!(self.out, "{message}");
-        let _ = self.out.flush();
     }
 
-    /// Ends the bar's line (call once after the last step).
+    /// Ends the bar, leaving its last state on screen (call once after the last step).
     pub fn finish(&mut self) {
-        if self.terminal && self.drawn {
-            let _ = writeln!(self.out);
-            self.drawn = false;
-        }
-        let _ = self.out.flush();
+        self.bar.abandon();
+    }
+
+    /// The bar's position and message (what a terminal shows after `pos/len [bar]`).
+    #[cfg(test)]
+    fn state(&self) -> (u64, String) {
+        (self.bar.position(), self.bar.message())
     }
 }
 
-/// The progress text: `step/total [bar] loss, tokens/s, lr, scale, ETA`.
+/// The plain progress line: `step/total [bar] ` then [`format_fields`].
 pub fn format_line(stats: &ProgressStats, total: u64, eta: Option<Duration>) -> String {
     let frac = if total == 0 {
         1.0
@@ -311,9 +317,17 @@ pub fn format_line(stats: &ProgressStats, total: u64, eta: Option<Duration>) -> 
     let filled = (frac * BAR_WIDTH as f64).round() as usize;
     let bar: String = "#".repeat(filled) + &"-".repeat(BAR_WIDTH - filled);
     let width = total.to_string().len();
-    let mut line = format!(
-        "{:>width$}/{total} [{bar}] loss {:.4} | {} tok/s | lr {:.2e}",
+    format!(
+        "{:>width$}/{total} [{bar}] {}",
         stats.step,
+        format_fields(stats, eta)
+    )
+}
+
+/// The fields after the bar: loss, tokens/s, lr, loss scale (if any) and ETA.
+pub fn format_fields(stats: &ProgressStats, eta: Option<Duration>) -> String {
+    let mut line = format!(
+        "loss {:.4} | {} tok/s | lr {:.2e}",
         stats.loss,
         human(stats.tokens_per_s),
         stats.lr,
@@ -464,7 +478,12 @@ mod tests {
         assert!(format_line(&stats(0), 0, None).contains("ETA --:--"));
 
         let sink = Sink::default();
-        let mut p = Progress::with_writer(30, 10, Box::new(sink.clone()), false);
+        let mut p = Progress::with_target(
+            30,
+            10,
+            ProgressDrawTarget::hidden(),
+            Some(Box::new(sink.clone())),
+        );
         for s in 1..=25 {
             p.update(&stats(s));
         }
@@ -476,16 +495,26 @@ mod tests {
         assert_eq!(lines.len(), 4, "{text}");
         assert!(lines[0].starts_with("10/30") && lines[1].starts_with("20/30"));
         assert_eq!(lines[2], "eval loss 1.0");
-        assert!(!text.contains('\r'));
+        assert!(lines[3].starts_with("30/30 [########################]"));
+        assert!(!text.contains('\r') && !text.contains('\x1b'));
 
-        let sink = Sink::default();
-        let mut p = Progress::with_writer(3, 10, Box::new(sink.clone()), true);
+        // On a terminal the bar (here hidden) holds the step and the fields; no plain lines.
+        let mut p = Progress::with_target(3, 10, ProgressDrawTarget::hidden(), None);
         for s in 1..=3 {
             p.update(&stats(s));
         }
+        let (pos, msg) = p.state();
+        assert_eq!(pos, 3);
+        for part in [
+            "loss 1.2500",
+            "12.3k tok/s",
+            "lr 3.00e-4",
+            "scale 65536",
+            "ETA 00:00",
+        ] {
+            assert!(msg.contains(part), "{part}: {msg}");
+        }
+        p.println("eval loss 1.0");
         p.finish();
-        let text = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
-        assert_eq!(text.matches('\r').count(), 3);
-        assert_eq!(text.matches('\n').count(), 1);
     }
 }
