@@ -297,7 +297,14 @@ impl Progress {
 
     /// Ends the bar, leaving its last state on screen (call once after the last step).
     pub fn finish(&mut self) {
+        if self.bar.is_finished() {
+            return;
+        }
         self.bar.abandon();
+        // indicatif leaves the cursor at the end of the bar's line: end the line.
+        if self.lines.is_none() && !self.bar.is_hidden() {
+            eprintln!();
+        }
     }
 
     /// The bar's position and message (what a terminal shows after `pos/len [bar]`).
