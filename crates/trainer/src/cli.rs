@@ -112,6 +112,9 @@ pub struct EvalArgs {
 /// `kiln generate`.
 #[derive(Debug, Clone, PartialEq, Args)]
 pub struct GenerateArgs {
+    /// The device (`--set dist.device=wgpu`) and, for `--pretrained`, the tokenizer and dtype.
+    #[command(flatten)]
+    pub config: ConfigArgs,
     #[command(flatten)]
     pub source: ModelSource,
     /// The prompt text.

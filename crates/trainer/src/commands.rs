@@ -7,7 +7,7 @@ use kiln_models::{GenerateConfig, Llama, LlamaConfig, causal_lm_loss_sum, genera
 use kiln_zero::{ActivationShape, activation_bytes, estimate_table_with};
 
 use crate::cli::{EstimateArgs, EvalArgs, ExportArgs, GenerateArgs, Recipe, TrainArgs};
-use crate::config::{Task, TrainConfig};
+use crate::config::{DistBackend, Task, TrainConfig};
 use crate::data::{Dataset, Tokenizer, collate};
 use crate::train::{
     EvalResult, Resume, TrainSummary, addition_accuracy, checkpoint_config, human,
@@ -126,6 +126,7 @@ pub fn load_model(
             let (config, _) = state_config(&manifest.extra, dir)?;
             let (model_config, lora) = crate::export::checkpoint_configs(&manifest.extra, dir)?;
             let dtype = policy_of(&config.precision).compute;
+            crate::device::check_dtype(device, dtype)?;
             let model = model_from_params(&model_config, lora.as_ref(), params, device, dtype)?;
             (config, model_config, model)
         }
@@ -133,6 +134,7 @@ pub fn load_model(
             let mut config = config;
             config.model.pretrained = Some(dir.to_path_buf());
             let dtype = policy_of(&config.precision).compute;
+            crate::device::check_dtype(device, dtype)?;
             let (model_config, model) = Llama::from_pretrained(dir, device, dtype)?;
             (config, model_config, model)
         }
@@ -154,8 +156,8 @@ pub fn load_model(
 /// `kiln eval`: held-out loss and perplexity on one process, and exact-match accuracy for the
 /// addition task.
 pub fn run_eval(args: &EvalArgs) -> Result<EvalResult> {
-    let device = Device::flex();
     let config = TrainConfig::load(args.config.config.as_deref(), &args.config.set)?;
+    let device = crate::device::rank_device(&config.dist, DistBackend::Threads, 0)?;
     let loaded = load_model(
         args.source.checkpoint.as_deref(),
         args.source.pretrained.as_deref(),
@@ -193,8 +195,14 @@ pub fn run_eval(args: &EvalArgs) -> Result<EvalResult> {
     let loss = (sum / count) as f32;
     let (accuracy, samples) = match dataset.addition() {
         Some(task) => {
-            let (a, s) =
-                addition_accuracy(&loaded.model, &loaded.model_config, task, &dataset, true)?;
+            let (a, s) = addition_accuracy(
+                &loaded.model,
+                &device,
+                &loaded.model_config,
+                task,
+                &dataset,
+                true,
+            )?;
             (Some(a), s)
         }
         None => (None, vec![]),
@@ -219,11 +227,12 @@ fn scalar(t: burn::tensor::Tensor<1>) -> Result<f32> {
 
 /// `kiln generate`: the completion of `--prompt`.
 pub fn run_generate(args: &GenerateArgs) -> Result<String> {
-    let device = Device::flex();
+    let config = TrainConfig::load(args.config.config.as_deref(), &args.config.set)?;
+    let device = crate::device::rank_device(&config.dist, DistBackend::Threads, 0)?;
     let loaded = load_model(
         args.source.checkpoint.as_deref(),
         args.source.pretrained.as_deref(),
-        TrainConfig::default(),
+        config,
         &device,
     )?;
     let tok = &loaded.tokenizer;

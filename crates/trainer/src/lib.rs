@@ -1,6 +1,7 @@
 //! kiln-trainer: the `kiln` binary and the library behind it.
 //!
 //! - [`train`]: the SPMD training loop and its launch (thread ranks, `mpirun`, NCCL);
+//! - [`device`]: the device of a rank (`dist.device`: cpu, wgpu, vulkan, cuda);
 //! - [`export`]: sharded checkpoints to HF safetensors, PEFT adapters, merged models;
 //! - [`commands`]: `kiln train | eval | generate | estimate | export`;
 //! - [`config`]: the TOML job ([`config::TrainConfig`]) with `--set key=value` overrides;
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod commands;
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod export;
 pub mod fits;

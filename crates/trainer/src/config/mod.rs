@@ -38,6 +38,6 @@ pub use crate::data::config::{DataConfig, Task, TokenizerSpec};
 pub use job::TrainConfig;
 pub use presets::{PRESETS, preset_config};
 pub use sections::{
-    ComputeDtype, DistBackend, DistConfig, LoopConfig, LoraConfig, ModelConfig, OptimConfig,
-    PrecisionConfig, ReduceDtype, ZeroConfig,
+    ComputeDtype, DeviceChoice, DistBackend, DistConfig, LoopConfig, LoraConfig, ModelConfig,
+    OptimConfig, PrecisionConfig, ReduceDtype, ZeroConfig,
 };

@@ -107,6 +107,23 @@ impl std::fmt::Display for DistBackend {
     }
 }
 
+/// `dist.device`: what every rank computes on (see [`crate::device`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// CUDA under NCCL (built with `cuda`), the CPU otherwise.
+    #[default]
+    Auto,
+    /// burn-flex with kiln's fused kernels.
+    Cpu,
+    /// burn's wgpu backend (WGSL; any Vulkan, Metal or DX12 adapter; feature `wgpu`).
+    Wgpu,
+    /// burn's wgpu runtime pinned to Vulkan, SPIR-V where the adapter allows (feature `vulkan`).
+    Vulkan,
+    /// burn's CUDA backend (feature `cuda`).
+    Cuda,
+}
+
 /// `[dist]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -114,6 +131,11 @@ pub struct DistConfig {
     /// Number of ranks (default 2).
     pub world_size: usize,
     pub backend: DistBackend,
+    /// The device of every rank (default `auto`).
+    pub device: DeviceChoice,
+    /// All ranks of a machine on its first GPU, instead of local rank `i` on GPU `i` (modulo
+    /// the GPUs there are; default false).
+    pub share_device: bool,
 }
 
 impl Default for DistConfig {
@@ -121,6 +143,8 @@ impl Default for DistConfig {
         Self {
             world_size: 2,
             backend: DistBackend::Auto,
+            device: DeviceChoice::Auto,
+            share_device: false,
         }
     }
 }

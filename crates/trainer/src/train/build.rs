@@ -12,18 +12,22 @@ use crate::config::{ComputeDtype, DistBackend, PrecisionConfig, ReduceDtype, Tra
 use crate::data::{Tokenizer, TokenizerSpec};
 use crate::{Result, TrainerError};
 
-/// The device a rank computes on: its GPU under NCCL (feature `cuda`), the CPU otherwise.
-pub(super) fn device_for(backend: DistBackend, rank: usize) -> Device {
-    #[cfg(feature = "cuda")]
-    if backend == DistBackend::Nccl {
-        let local = kiln_dist::RankEnv::detect()
+/// The device a rank computes on (`dist.device`, see [`crate::device`]), with autodiff.
+pub(super) fn device_for(
+    config: &TrainConfig,
+    backend: DistBackend,
+    rank: usize,
+) -> Result<Device> {
+    let local = match backend {
+        DistBackend::Threads | DistBackend::Auto => rank,
+        _ => kiln_dist::RankEnv::detect()
             .ok()
             .flatten()
-            .map_or(rank, |e| e.local_rank);
-        return Device::cuda(local).autodiff();
-    }
-    let _ = (backend, rank);
-    Device::flex().autodiff()
+            .map_or(rank, |e| e.local_rank),
+    };
+    let device = crate::device::rank_device(&config.dist, backend, local)?;
+    crate::device::check_dtype(&device, policy_of(&config.precision).compute)?;
+    Ok(device.autodiff())
 }
 
 /// The policy of `[precision]`: compute and reduction dtypes, f32 master weights.

@@ -66,14 +66,11 @@ pub(super) fn evaluate(
     let mut samples = vec![];
     if let Some(task) = task {
         let lora = lora_config(config)?;
-        let model = model_from_params(
-            model_config,
-            lora.as_ref(),
-            params,
-            &Device::flex(),
-            policy.compute,
-        )?;
-        let (acc, s) = addition_accuracy(&model, model_config, task, dataset, with_samples)?;
+        let device = device.clone().without_autodiff();
+        let model =
+            model_from_params(model_config, lora.as_ref(), params, &device, policy.compute)?;
+        let (acc, s) =
+            addition_accuracy(&model, &device, model_config, task, dataset, with_samples)?;
         accuracy = Some(acc);
         samples = s;
     }
@@ -89,6 +86,7 @@ pub(super) fn evaluate(
 /// Greedy exact-match accuracy on the held-out addition pairs, and a few samples.
 pub fn addition_accuracy(
     model: &Llama,
+    device: &Device,
     model_config: &LlamaConfig,
     task: &AdditionTask,
     dataset: &Dataset,
@@ -114,7 +112,7 @@ pub fn addition_accuracy(
                 Ok(ids)
             })
             .collect::<Result<Vec<_>>>()?;
-        let out = generate(model, model_config, &prompts, &settings, &Device::flex())?;
+        let out = generate(model, model_config, &prompts, &settings, device)?;
         for (&(a, b), ids) in chunk.iter().zip(out) {
             let ids: Vec<i64> = ids.into_iter().filter(|&t| t != tok.eos()).collect();
             let text = tok.decode(&ids)?;

@@ -91,7 +91,7 @@ pub(super) fn rank_main(
 ) -> Result<TrainSummary> {
     let (rank, world) = (comm.rank(), comm.world_size());
     let lead = rank == 0;
-    let device = device_for(backend, rank);
+    let device = device_for(config, backend, rank)?;
     let model_config = config.model_config()?;
     let tokenizer = tokenizer_for(config, &model_config)?;
     let dataset = Dataset::new(&config.data, tokenizer, config.train.seed)?;
