@@ -6,10 +6,10 @@ use burn::tensor::{DType, Device, Tensor};
 use common::*;
 use kiln_models::{Context, Llama, causal_lm_loss};
 
-/// Runs the fixture model on one io file and checks logits, loss and every listed gradient.
-fn check_io(io_name: &str) {
+/// Runs the fixture model on one io file on `device` (with autodiff) and checks logits, loss
+/// and every listed gradient.
+fn check_io(io_name: &str, device: Device) {
     let root = fixtures().join("llama");
-    let device = Device::flex().autodiff();
     let (config, model) = Llama::from_pretrained(root.join("model"), &device, DType::F32).unwrap();
     let io = Io::open(root.join(io_name));
     let ids = io.ints::<2>("input_ids", &device);
@@ -78,12 +78,23 @@ fn check_io(io_name: &str) {
 
 #[test]
 fn logits_loss_and_gradients_match_transformers() {
-    check_io("io.safetensors");
+    check_io("io.safetensors", Device::flex().autodiff());
 }
 
 #[test]
 fn left_padded_batch_matches_transformers_where_attended() {
-    check_io("io_padded.safetensors");
+    check_io("io_padded.safetensors", Device::flex().autodiff());
+}
+
+/// The same on a wgpu adapter (burn's composed ops instead of the fused CPU kernels), with the
+/// same tolerances; CI runs it on lavapipe.
+#[cfg(feature = "wgpu")]
+#[test]
+fn on_wgpu_logits_loss_and_gradients_match_transformers() {
+    if let Some(device) = wgpu_device("on_wgpu") {
+        check_io("io.safetensors", device.clone().autodiff());
+        check_io("io_padded.safetensors", device.autodiff());
+    }
 }
 
 #[test]
