@@ -96,9 +96,17 @@ fn cuda(_: usize) -> Result<Device> {
     Err(not_built("cuda"))
 }
 
-/// Adapter `index` (modulo the count) of those `devices` lists, or an error naming the field.
+/// Adapter `index` (modulo the count) of those `devices` lists, the GPUs only where there are
+/// any (a machine with a GPU and lavapipe lists both), or an error naming the field.
 #[cfg(feature = "wgpu")]
 fn pick(devices: Vec<Device>, index: usize, what: &str) -> Result<Device> {
+    // A software adapter (lavapipe) is no card: its identity has no physical device.
+    let is_card = |d: &Device| d.identity().is_some_and(|i| i.physical.is_some());
+    let devices = if devices.iter().any(is_card) {
+        devices.into_iter().filter(is_card).collect()
+    } else {
+        devices
+    };
     if devices.is_empty() {
         return Err(TrainerError::invalid(
             "dist.device",
