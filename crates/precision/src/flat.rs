@@ -15,7 +15,7 @@ const CHUNK: usize = 4096;
 const EXP_MASK: u32 = 0x7F80_0000;
 
 /// Elements per task of the parallel passes over large buffers ([`par_new`], [`par_zip`]).
-pub(crate) const PAR_CHUNK: usize = 1 << 16;
+const PAR_CHUNK: usize = 1 << 16;
 
 /// A new vector of `src.len()` elements, `f(src_chunk, dst_chunk)` filling each chunk, the
 /// chunks on the rank's threads when the buffer is large (a copy or cast of a whole parameter

@@ -326,6 +326,10 @@ pub(crate) fn matmul_f32<E: Elem>(
 /// A linear layer's weight gradient rows: `out[r × k] = Σ_blocks dyᵀ[r, block] · x[block, k]` in
 /// f32 for `dy_t` (`r × m`, a row per output feature) and `x` (`m × k`), over blocks of `block`
 /// of the `m` rows (a batch row's positions), the block products added one after the other.
+/// f32 whatever the compute dtype, as torch autocast gives f32 gradients for f32 master weights:
+/// rounding each rank's or micro-batch's partial gradient to bf16 before they are summed would
+/// cost more precision than the whole product. Splitting a batch into micro-batches or ranks
+/// along its rows then only changes how the block sums associate, not the sums themselves.
 /// `out` may be uninitialised: every element is written. Each output row's sums do not depend
 /// on the other rows, so the rows may be computed in separate calls.
 pub(crate) fn weight_grad_into<E: Elem>(
@@ -349,7 +353,8 @@ pub(crate) fn weight_grad_into<E: Elem>(
     if r == 0 || k == 0 {
         return;
     }
-    let out: &mut [f32] = if m > 0 && E::DTYPE == burn::tensor::DType::F32 {
+    // The blocks left for the accumulating products after the first pass.
+    let (out, skip): (&mut [f32], usize) = if m > 0 && E::DTYPE == burn::tensor::DType::F32 {
         // f32: the first block's product writes the sum, no zeroed buffer first.
         let (d, xb) = blk(0);
         let (d, xb) = (d.retype::<f32>(), xb.retype::<f32>());
@@ -360,16 +365,12 @@ pub(crate) fn weight_grad_into<E: Elem>(
         // reads none.
         unsafe { gemm_raw::<f32>(d, xb, out.as_mut_ptr().cast(), k, false, threads) };
         // SAFETY: every element was just written.
-        unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) }
+        let out = unsafe { &mut *(out as *mut [MaybeUninit<f32>] as *mut [f32]) };
+        (out, block.min(m))
     } else {
-        init(out, 0.0)
+        (init(out, 0.0), 0)
     };
-    let skip = if E::DTYPE == burn::tensor::DType::F32 {
-        block
-    } else {
-        0
-    };
-    for start in (skip.min(m)..m).step_by(block) {
+    for start in (skip..m).step_by(block) {
         let (d, xb) = blk(start);
         matmul_f32(d, xb, out, k, start > 0);
     }

@@ -12,13 +12,13 @@ pub(crate) mod small;
 pub(crate) mod swiglu;
 pub(crate) mod tensor;
 
+use std::ops::Range;
+
 use burn::backend::flex::FlexTensor;
 use burn::tensor::DType;
 
 use elem::Elem;
 use matmul::{Mat, matmul_rows};
-use std::ops::Range;
-
 use tensor::{contiguous, dims, exclusive, floats, ints, slice, tensor, with_elem};
 
 /// A 2-D view of a flex matrix (any non-negative strides) for [`matmul`].
@@ -130,7 +130,7 @@ pub(crate) fn linear_backward(
                 }
                 if let Some(x_m) = x_m {
                     let dy_t = dy_m.t().row_range(outs.start, outs.len());
-                    matmul::weight_grad_into(dy_t, x_m.row_range(0, m), block, dw);
+                    matmul::weight_grad_into(dy_t, x_m, block, dw);
                 }
             };
             if halves {
@@ -186,8 +186,8 @@ pub(crate) fn rms_norm(x: FlexTensor, w: FlexTensor, eps: f64) -> (FlexTensor, F
     })
 }
 
-/// The gradients of [`rms_norm`]: input (in its dtype), and gain (f32, as a linear layer's weight gradient)
-/// when `need_dw`.
+/// The gradients of [`rms_norm`]: input (in its dtype), and gain (f32, as a linear layer's
+/// weight gradient) when `need_dw`.
 pub(crate) fn rms_norm_backward(
     x: FlexTensor,
     w: FlexTensor,

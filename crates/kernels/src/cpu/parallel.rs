@@ -47,7 +47,7 @@ fn serial<R>(f: impl FnOnce() -> R) -> R {
 
 /// Rows per task so that a task holds at least `MIN_WORK` elements and there are a few tasks per
 /// thread (a row is never split).
-pub(crate) fn rows_per_task(rows: usize, work: usize) -> usize {
+fn rows_per_task(rows: usize, work: usize) -> usize {
     const MIN_WORK: usize = 16 * 1024;
     let threads = threads();
     if threads <= 1 {
@@ -90,7 +90,7 @@ fn for_rows_by<T: Send>(
 
 /// Like [`for_rows`] over two outputs with the same number of rows, a row of both costing
 /// about `work` elements' worth.
-pub(crate) fn for_rows2<T: Send, U: Send>(
+fn for_rows2<T: Send, U: Send>(
     a: &mut [T],
     a_len: usize,
     b: &mut [U],
