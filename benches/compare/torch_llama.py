@@ -115,6 +115,7 @@ def worker(rank, ranks, threads, dtype, warmup, steps, queue, shape):
 
 
 def main():
+    global BATCH, SEQ, CONFIG, DEVICE
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0)
@@ -127,7 +128,6 @@ def main():
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--seq", type=int, default=SEQ)
     args = ap.parse_args()
-    global BATCH, SEQ, CONFIG, DEVICE
     BATCH, SEQ, CONFIG, DEVICE = args.batch, args.seq, args.config, args.device
     if DEVICE == "cuda":
         if args.ranks != 1:
