@@ -16,6 +16,8 @@ pub mod llama;
 pub mod loss;
 pub mod rng;
 pub mod source;
+#[cfg(feature = "wgpu")]
+pub mod testing;
 pub mod weights;
 
 use std::path::Path;

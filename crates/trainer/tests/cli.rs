@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fixtures, kiln, ok};
+use common::{fixtures, kiln, ok, tiny};
 
 fn fails(args: &[&str]) -> String {
     let out = kiln(args);
@@ -22,32 +22,9 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// A few steps of the tiny addition job.
-fn tiny(out: &Path, steps: u64, extra: &[String]) -> Vec<String> {
-    let mut args: Vec<String> = [
-        format!("train.output_dir={}", out.display()),
-        format!("train.steps={steps}"),
-        "train.global_batch=8".into(),
-        "train.micro_batch=2".into(),
-        "train.log_interval=1".into(),
-        "data.digits=2".into(),
-        "data.seq_len=16".into(),
-        "data.eval_examples=8".into(),
-    ]
-    .into_iter()
-    .flat_map(|s| ["--set".to_string(), s])
-    .collect();
-    for e in extra {
-        args.push("--set".into());
-        args.push(e.clone());
-    }
-    args
-}
-
 fn train(out: &Path, steps: u64, extra: &[&str]) -> String {
-    let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
     let mut args = vec!["train".to_string()];
-    args.extend(tiny(out, steps, &extra));
+    args.extend(tiny(out, steps, extra));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     ok(&args)
 }
@@ -178,9 +155,8 @@ fn ctrl_c_saves_a_checkpoint_and_resume_continues_bit_identically() {
     ];
     let steps = 12;
     train(&straight, steps, &common);
-    let extra: Vec<String> = common.iter().map(|s| s.to_string()).collect();
     let mut args = vec!["train".to_string()];
-    args.extend(tiny(&resumed, steps, &extra));
+    args.extend(tiny(&resumed, steps, &common));
     let child = Command::new(env!("CARGO_BIN_EXE_kiln"))
         .args(&args)
         .stdout(std::process::Stdio::piped())

@@ -30,7 +30,7 @@ fn wgpu_without_the_feature_is_an_error_naming_the_field() {
 mod wgpu {
     use std::path::{Path, PathBuf};
 
-    use super::common::{kiln, ok};
+    use super::common::{kiln, ok, tiny};
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("kiln-gpu-{name}-{}", std::process::id()));
@@ -38,56 +38,34 @@ mod wgpu {
         dir
     }
 
-    fn sets(list: &[String]) -> Vec<String> {
-        list.iter()
-            .flat_map(|s| ["--set".to_string(), s.clone()])
-            .collect()
-    }
-
     fn run(args: &[String]) -> String {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         ok(&args)
     }
 
-    /// Whether a wgpu adapter exists; prints why not (or fails under `KILN_REQUIRE_GPU`).
+    /// Whether a wgpu adapter exists (see [`kiln_models::testing::wgpu_device_or_skip`]).
     fn has_adapter(test: &str) -> bool {
-        use burn::tensor::{Device, DeviceType};
-        let devices = Device::enumerate(DeviceType::Wgpu).into_vec();
-        if let Some(d) = devices.first() {
-            eprintln!("{test}: on {}", kiln_trainer::device::describe(d));
-            return true;
-        }
-        let reason = "no wgpu adapter (no GPU, and no lavapipe: install mesa-vulkan-drivers, set \
-                  VK_ICD_FILENAMES to lvp_icd.x86_64.json and XDG_RUNTIME_DIR)";
-        assert!(
-            std::env::var_os("KILN_REQUIRE_GPU").is_none(),
-            "{test}: KILN_REQUIRE_GPU is set but there is {reason}"
-        );
-        eprintln!("{test}: SKIPPED: {reason}");
-        false
+        kiln_models::testing::wgpu_device_or_skip(test).is_some()
     }
 
-    /// The tiny addition job under ZeRO-3 with LoRA on all linear layers, 2 ranks, f32.
+    /// `--set` pairs of the tiny addition job under ZeRO-3 with LoRA on all linear layers, 2
+    /// ranks, f32, on `device`.
     fn job(out: &Path, device: &str) -> Vec<String> {
-        [
-        format!("train.output_dir={}", out.display()),
-        "train.steps=4".into(),
-        "train.global_batch=8".into(),
-        "train.micro_batch=2".into(),
-        "train.log_interval=1".into(),
-        "data.digits=2".into(),
-        "data.seq_len=16".into(),
-        "data.eval_examples=8".into(),
-        "zero.stage=3".into(),
-        "dist.world_size=2".into(),
-        "precision.compute=f32".into(),
-        "lora.enabled=true".into(),
-        r#"lora.target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]"#.into(),
-        "lora.dropout=0.1".into(),
-        "optim.lr=1e-2".into(),
-        format!("dist.device={device}"),
-    ]
-    .to_vec()
+        let device = format!("dist.device={device}");
+        tiny(
+            out,
+            4,
+            &[
+                "zero.stage=3",
+                "dist.world_size=2",
+                "precision.compute=f32",
+                "lora.enabled=true",
+                r#"lora.target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]"#,
+                "lora.dropout=0.1",
+                "optim.lr=1e-2",
+                &device,
+            ],
+        )
     }
 
     /// (step, loss or eval_loss) of every record of `metrics.jsonl`.
@@ -122,7 +100,7 @@ mod wgpu {
         let (cpu, gpu) = (scratch("cpu"), scratch("wgpu"));
         for (out, device) in [(&cpu, "cpu"), (&gpu, "wgpu")] {
             let mut args = vec!["train".to_string()];
-            args.extend(sets(&job(out, device)));
+            args.extend(job(out, device));
             let text = run(&args);
             assert!(text.contains("exact-match accuracy"), "{device}: {text}");
         }

@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::{fixtures, kiln, ok};
+use common::{fixtures, kiln, ok, tiny};
 
 /// Runs kiln, which must fail cleanly: non-zero, not a panic (101), `kiln: error:` on stderr.
 fn fails(args: &[&str]) -> String {
@@ -33,23 +33,6 @@ fn scratch(name: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// `--set` pairs of the tiny addition job writing to `out`.
-fn tiny(out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
-    [
-        format!("train.output_dir={}", out.display()),
-        format!("train.steps={steps}"),
-        "train.global_batch=4".into(),
-        "train.micro_batch=2".into(),
-        "data.digits=2".into(),
-        "data.seq_len=16".into(),
-        "data.eval_examples=4".into(),
-    ]
-    .into_iter()
-    .chain(extra.iter().map(|s| s.to_string()))
-    .flat_map(|s| ["--set".to_string(), s])
-    .collect()
 }
 
 fn args<'a>(head: &[&'a str], rest: &'a [String]) -> Vec<&'a str> {

@@ -85,22 +85,8 @@ pub fn named_grads<M: Module>(module: &M, grads: &Gradients) -> Vec<(String, Vec
     c.out
 }
 
-/// The first wgpu adapter; without one, prints why the test is skipped and returns `None`,
-/// or fails when `KILN_REQUIRE_GPU` is set (as CI sets it).
+/// The first wgpu adapter, or `None` (see [`kiln_models::testing::wgpu_device_or_skip`]).
 #[cfg(feature = "wgpu")]
 pub fn wgpu_device(test: &str) -> Option<Device> {
-    let devices = Device::enumerate(burn::tensor::DeviceType::Wgpu).into_vec();
-    if let Some(device) = devices.into_iter().next() {
-        let name = device.identity().map(|i| i.name).unwrap_or_default();
-        eprintln!("{test}: on {name}");
-        return Some(device);
-    }
-    let reason = "no wgpu adapter (no GPU, and no lavapipe: install mesa-vulkan-drivers, set \
-                  VK_ICD_FILENAMES to lvp_icd.x86_64.json and XDG_RUNTIME_DIR)";
-    assert!(
-        std::env::var_os("KILN_REQUIRE_GPU").is_none(),
-        "{test}: KILN_REQUIRE_GPU is set but there is {reason}"
-    );
-    eprintln!("{test}: SKIPPED: {reason}");
-    None
+    kiln_models::testing::wgpu_device_or_skip(test)
 }

@@ -29,3 +29,22 @@ pub fn fixtures() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
 }
+
+/// `--set` pairs of a few steps of the tiny addition job writing to `out` (8 rows of 16 tokens a
+/// step, micro-batches of 2, a loss line every step, 8 held-out pairs), then those of `extra`.
+pub fn tiny(out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
+    [
+        format!("train.output_dir={}", out.display()),
+        format!("train.steps={steps}"),
+        "train.global_batch=8".into(),
+        "train.micro_batch=2".into(),
+        "train.log_interval=1".into(),
+        "data.digits=2".into(),
+        "data.seq_len=16".into(),
+        "data.eval_examples=8".into(),
+    ]
+    .into_iter()
+    .chain(extra.iter().map(|s| s.to_string()))
+    .flat_map(|s| ["--set".to_string(), s])
+    .collect()
+}
