@@ -59,7 +59,8 @@ pub trait Units {
     fn unit_grads(&self, unit: usize, grads: &mut Gradients) -> Result<Vec<(String, TensorData)>>;
 
     /// The model as it is now, without gradient tracking (burn's `Module::valid`): forward-only
-    /// passes (evaluation) through it record no autodiff graph.
+    /// passes through it (evaluation, and the first forward of a unit that is recomputed for its
+    /// backward) record no autodiff graph.
     fn detached(&self) -> Self
     where
         Self: Sized;
