@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{fixtures, kiln, ok, tiny};
+use common::{fixtures, kiln, metric, ok, tiny};
 
 fn fails(args: &[&str]) -> String {
     let out = kiln(args);
@@ -48,14 +48,7 @@ fn export_peft(ckpt: &Path, out: &Path) -> serde_json::Value {
 
 /// (step, loss) of every training record in `metrics.jsonl`.
 fn losses(out: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            Some((v.get("step")?.as_u64()?, v.get("loss")?.as_f64()?))
-        })
-        .collect()
+    metric(out, &["loss"])
 }
 
 #[test]

@@ -30,7 +30,7 @@ fn wgpu_without_the_feature_is_an_error_naming_the_field() {
 mod wgpu {
     use std::path::{Path, PathBuf};
 
-    use super::common::{kiln, ok, tiny};
+    use super::common::{kiln, metric, ok, tiny};
 
     fn scratch(name: &str) -> PathBuf {
         let dir = std::env::temp_dir().join(format!("kiln-gpu-{name}-{}", std::process::id()));
@@ -68,19 +68,6 @@ mod wgpu {
         )
     }
 
-    /// (step, loss or eval_loss) of every record of `metrics.jsonl`.
-    fn losses(out: &Path) -> Vec<(u64, f64)> {
-        std::fs::read_to_string(out.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                let loss = v.get("loss").or_else(|| v.get("eval_loss"))?;
-                Some((v.get("step")?.as_u64()?, loss.as_f64()?))
-            })
-            .collect()
-    }
-
     /// Every tensor of the checkpoint, as f32.
     fn params(ckpt: &Path) -> Vec<(String, Vec<f32>)> {
         let (_, params) = kiln_zero::read_full_checkpoint(ckpt).unwrap();
@@ -105,6 +92,7 @@ mod wgpu {
             assert!(text.contains("exact-match accuracy"), "{device}: {text}");
         }
         // Losses of the 4 steps and the held-out loss: f32 on both, in another order of sums.
+        let losses = |out| metric(out, &["loss", "eval_loss"]);
         let (a, b) = (losses(&cpu), losses(&gpu));
         assert_eq!(a.len(), 5, "{a:?}");
         assert_eq!(a.len(), b.len());

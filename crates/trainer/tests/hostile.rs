@@ -2,6 +2,7 @@
 //! non-zero with a message naming the file, field or flag (or behaves correctly where the input
 //! is valid), never a panic; a diverging run stops with the previous checkpoint the newest.
 
+#[allow(dead_code)]
 mod common;
 
 use std::path::PathBuf;

@@ -48,3 +48,17 @@ pub fn tiny(out: &Path, steps: u64, extra: &[&str]) -> Vec<String> {
     .flat_map(|s| ["--set".to_string(), s])
     .collect()
 }
+
+/// (step, value) of every record of `<out>/metrics.jsonl` that has one of `keys` (the first of
+/// them it has).
+pub fn metric(out: &Path, keys: &[&str]) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let value = keys.iter().find_map(|k| v.get(k))?;
+            Some((v.get("step")?.as_u64()?, value.as_f64()?))
+        })
+        .collect()
+}
