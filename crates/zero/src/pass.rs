@@ -90,22 +90,23 @@ impl<U: Units> Engine<U> {
         for u in 0..n - 1 {
             self.fetch(u)?;
             match batch {
-                // A unit that is recomputed for its backward runs this forward without autodiff:
-                // burn frees a graph no backward consumes only in the sweep after the next
-                // backward, so every unit's saved activations and gathered parameters would
-                // live until the loss unit's backward (+0.44 GB per rank on the 160M job).
-                Some(b) if train && recompute => {
-                    let input = h.take();
-                    h = Some(self.units.detached().forward(u, input.clone(), b));
-                    kept.push((input, None));
-                }
-                Some(b) if train => {
+                Some(b) if train && !recompute => {
                     let input = h.take().map(Tensor::require_grad);
                     let out = self.units.forward(u, input.clone(), b);
                     h = Some(out.clone().detach());
                     kept.push((input, Some(out)));
                 }
-                Some(b) => h = Some(self.units.detached().forward(u, h.take(), b)),
+                // A unit that is recomputed for its backward runs this forward without autodiff
+                // too: burn frees a graph no backward consumes only in the sweep after the next
+                // backward, so every unit's saved activations and gathered parameters would
+                // live until the loss unit's backward (+0.44 GB per rank on the 160M job).
+                Some(b) => {
+                    let input = h.take();
+                    h = Some(self.units.detached().forward(u, input.clone(), b));
+                    if train {
+                        kept.push((input, None));
+                    }
+                }
                 None => {}
             }
             if !train || recompute {
