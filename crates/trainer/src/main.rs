@@ -20,13 +20,14 @@ const MI_OPTION_ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 const MI_OPTION_ARENA_PURGE_MULT: libmimalloc_sys::mi_option_t = 24;
 
-/// By default mimalloc hands freed memory back to the kernel after 10 ms (purge) and commits
-/// arena memory on demand, so the next step's buffers fault in as fresh zeroed pages again
-/// (~800 page faults a step on the reference Llama, `clear_page` 10% of samples). A training
-/// step frees and takes the same sizes again within the step and from one step to the next:
-/// keep freed memory for a second before handing it back (so what only setup or the last
-/// evaluation used is still returned) and commit arenas at once. Measured: page faults 36k ->
-/// 580 over 40 steps, +3-5% tokens/s; never purging measured the same within noise.
+/// mimalloc hands freed memory back to the kernel after a delay (purge) and may commit arena
+/// memory on demand; a buffer that comes back faults in as fresh zeroed pages (~800 page faults
+/// a step on the reference Llama, `clear_page` 10% of samples). A training step frees and takes
+/// the same sizes again within the step and from one step to the next: keep freed memory for a
+/// second before handing it back (so what only setup or the last evaluation used is still
+/// returned) and commit arenas at once. The delay is v3's default (v2's was 10 ms), set here so
+/// that a change of the library's default cannot move it. Measured: page faults 36k -> 580 over
+/// 40 steps, +3-5% tokens/s; never purging measured the same within noise.
 ///
 /// An arena's purge is due one delay after the *first* free it scheduled, and then purges every
 /// free range, also those freed a moment ago: with mimalloc's arena multiplier of 1 that is every
